@@ -1,0 +1,32 @@
+"""grain_optax: GRAIN (Group Aggregation via min-norm objective) for optax.
+
+GRAIN replaces the mean of group gradients with their minimum-norm convex
+combination, ``d = sum_i w_i g_i`` with ``w = argmin_{w in simplex} ||d||^2``,
+which has a non-negative inner product with every group gradient.
+"""
+
+from grain_optax._src.combine import combine
+from grain_optax._src.gram import gram_matrix
+from grain_optax._src.grouping import group_value_and_grad
+from grain_optax._src.grouping import split_into_groups
+from grain_optax._src.solvers import kkt_residual
+from grain_optax._src.solvers import min_norm_weights
+from grain_optax._src.solvers import MinNormSolution
+from grain_optax._src.solvers import SOLVERS
+from grain_optax._src.transform import grain
+from grain_optax._src.transform import GrainState
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'combine',
+    'grain',
+    'GrainState',
+    'gram_matrix',
+    'group_value_and_grad',
+    'kkt_residual',
+    'min_norm_weights',
+    'MinNormSolution',
+    'SOLVERS',
+    'split_into_groups',
+)

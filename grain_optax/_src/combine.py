@@ -1,0 +1,51 @@
+"""Combining per-group updates with convex weights."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from grain_optax._src import validation
+
+
+def combine(per_group: Any, weights: jax.Array) -> Any:
+  r"""Weighted sum of per-group updates over the group axis.
+
+  .. math::
+    d = \sum_{i=1}^m w_i\, g_i
+
+  Accumulates in float32 and returns each leaf in its own dtype. A group whose
+  weight is zero contributes exactly zero, even if its update holds NaN or
+  infinity, so excluded groups cannot poison the result.
+
+  Args:
+    per_group: a pytree whose leaves all have shape ``[m, *param_shape]``.
+    weights: an ``[m]`` array, typically from :func:`min_norm_weights`.
+
+  Returns:
+    A pytree of the same structure with leaves of shape ``param_shape``.
+
+  Raises:
+    ValueError: if ``weights`` is not ``[m]`` or leaves disagree on ``m``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import grain_optax
+    >>> g = {'w': jnp.array([[1., 0.], [0., 1.]])}
+    >>> grain_optax.combine(g, jnp.array([0.5, 0.5]))
+    {'w': Array([0.5, 0.5], dtype=float32)}
+  """
+  m = validation.group_count(per_group)
+  weights = jnp.asarray(weights)
+  if weights.shape != (m,):
+    raise ValueError(
+        f'grain_optax.combine: weights have shape {weights.shape}, but the '
+        f'per-group tree has {m} groups; expected shape ({m},).')
+  weights = weights.astype(jnp.float32)
+
+  def leaf_combine(leaf):
+    w = weights.reshape((m,) + (1,) * (leaf.ndim - 1))
+    terms = jnp.where(w != 0, w * leaf.astype(jnp.float32), 0.0)
+    return jnp.sum(terms, axis=0).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map(leaf_combine, per_group)
