@@ -82,10 +82,11 @@ def normalize_gram(gram, mask=None):
     valid = valid & jnp.asarray(mask, bool)
   pair = valid[:, None] & valid[None, :]
   gram = jnp.where(pair & jnp.isfinite(gram), gram, 0.0)
-  gram = 0.5 * (gram + gram.T)
   scale = jnp.max(jnp.diagonal(gram))
   scale = jnp.where(scale > 0, scale, 0.0)
   normalized = gram / jnp.where(scale > 0, scale, 1.0)
+  # Symmetrise after scaling: K + K^T can overflow float32 for huge Grams.
+  normalized = 0.5 * (normalized + normalized.T)
   return normalized, valid, scale
 
 
