@@ -55,4 +55,4 @@ def check_matches_params(per_group: Any, params: Any) -> None:
           f'grain_optax: leaf {leaf_name(path)} of the per-group updates has '
           f'shape {tuple(g.shape)}, so its per-group shape is '
           f'{tuple(g.shape[1:])}, but the matching param has shape '
-          f'{tuple(p.shape)}; expected [{g.shape[0]}, *{tuple(p.shape)}].')
+          f'{tuple(p.shape)}; expected shape {(g.shape[0],) + tuple(p.shape)}.')

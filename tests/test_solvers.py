@@ -1,0 +1,207 @@
+"""Properties of the min-norm simplex QP solvers."""
+
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grain_optax
+import reference
+
+SIZES = (1, 2, 3, 4, 8, 16, 32, 64, 128)
+
+
+@functools.partial(jax.jit, static_argnames=('solver',))
+def solve(gram, solver='exact'):
+  return grain_optax.min_norm_weights(gram, solver=solver)
+
+
+def random_gram(seed, m, rank, scale, common):
+  """K = G G^T for m group gradients of a random rank plus a common part."""
+  rng = np.random.default_rng(seed)
+  p = max(rank, 1)
+  g = rng.normal(size=(m, p)) * rng.uniform(0.2, 2.0, size=(m, 1))
+  g = g + common * rng.normal(size=(1, p))
+  g = g * scale
+  return g, (g @ g.T).astype(np.float32)
+
+
+def assert_simplex(w, atol=1e-6):
+  w = np.asarray(w, np.float64)
+  assert np.all(w >= 0), w
+  np.testing.assert_allclose(w.sum(), 1.0, atol=atol)
+
+
+gram_cases = st.tuples(
+    st.integers(0, 2**31 - 1),                   # seed
+    st.sampled_from(SIZES),                      # m
+    st.sampled_from(('full', 'deficient', 'tiny')),
+    st.sampled_from((0.0, 1e-15, 1e-6, 1.0, 1e6, 1e15)),
+    st.sampled_from((0.0, 0.5, 10.0, 1e3)),      # common component
+)
+
+
+def _make(case):
+  seed, m, rank_kind, scale, common = case
+  rank = {'full': m + 5, 'deficient': max(m // 2, 1), 'tiny': 2}[rank_kind]
+  return random_gram(seed, m, rank, scale, common)
+
+
+@hypothesis.given(gram_cases)
+def test_exact_solver_matches_float64_reference(case):
+  _, k = _make(case)
+  sol = solve(jnp.asarray(k))
+  w = np.asarray(sol.weights)
+  assert_simplex(w)
+  w_ref = reference.reference_weights(k)
+  # Same objective (the min-norm point d is unique even when w is not).
+  assert reference.objective(k, w) <= reference.objective(k, w_ref) + 1e-5
+  # KKT in float64: <d, g_i> >= ||d||^2 - tol for every group.
+  assert reference.kkt_gap(k, w) <= 1e-5
+  assert float(sol.kkt_residual) <= 1e-5
+
+
+@hypothesis.given(gram_cases)
+def test_kkt_equality_on_support(case):
+  _, k = _make(case)
+  w = np.asarray(solve(jnp.asarray(k)).weights, np.float64)
+  scale = np.max(np.diag(k))
+  kn = k / scale if scale > 0 else k
+  kw = kn @ w
+  obj = w @ kw
+  support = w > 1e-3
+  np.testing.assert_allclose(kw[support], obj, atol=1e-5)
+
+
+@pytest.mark.parametrize('m', [2, 4, 8, 16, 32])
+def test_weights_match_reference_when_unique(m):
+  # Well-conditioned Grams of linearly independent groups: unique weights.
+  for seed in range(5):
+    _, k = random_gram(seed, m, rank=4 * m, scale=1.0, common=0.3)
+    w = np.asarray(solve(jnp.asarray(k)).weights)
+    np.testing.assert_allclose(w, reference.reference_weights(k), atol=1e-5)
+
+
+@pytest.mark.parametrize('m', [2, 4, 8, 16])
+def test_projected_gradient_agrees_with_exact(m):
+  for seed in range(3):
+    _, k = random_gram(seed, m, rank=3 * m, scale=1.0, common=0.3)
+    exact = solve(jnp.asarray(k))
+    pg = solve(jnp.asarray(k), solver='projected_gradient')
+    assert_simplex(pg.weights, atol=1e-5)
+    assert reference.objective(k, pg.weights) <= (
+        reference.objective(k, exact.weights) + 1e-4)
+    assert float(pg.kkt_residual) < 1e-2
+    assert int(pg.num_iterations) >= 1
+
+
+@hypothesis.given(st.integers(0, 2**31 - 1), st.sampled_from((2, 3, 8, 32)))
+def test_permutation_invariance(seed, m):
+  _, k = random_gram(seed, m, rank=m + 3, scale=1.0, common=0.5)
+  perm = np.random.default_rng(seed).permutation(m)
+  w = np.asarray(solve(jnp.asarray(k)).weights)
+  w_perm = np.asarray(solve(jnp.asarray(k[np.ix_(perm, perm)])).weights)
+  np.testing.assert_allclose(w_perm, w[perm], atol=1e-5)
+
+
+@pytest.mark.parametrize('scale', [1e-15, 1e-6, 1.0, 1e6, 1e15])
+def test_scale_invariance(scale):
+  _, k = random_gram(3, 8, rank=12, scale=1.0, common=0.5)
+  w1 = solve(jnp.asarray(k)).weights
+  w2 = solve(jnp.asarray(k * np.float32(scale) ** 2 if scale < 1e10
+                          else k * np.float32(scale))).weights
+  np.testing.assert_allclose(w1, w2, atol=1e-5)
+
+
+def test_single_group():
+  sol = solve(jnp.array([[4.0]]))
+  np.testing.assert_array_equal(sol.weights, [1.0])
+  assert float(sol.kkt_residual) == 0.0
+
+
+@pytest.mark.parametrize('solver', grain_optax.SOLVERS)
+def test_all_zero_gram_gives_uniform_weights(solver):
+  sol = solve(jnp.zeros((5, 5)), solver=solver)
+  np.testing.assert_allclose(sol.weights, np.full(5, 0.2), rtol=1e-6)
+  assert np.isfinite(float(sol.kkt_residual))
+
+
+@pytest.mark.parametrize('m', [2, 5, 16])
+def test_identical_groups_combine_to_the_mean(m):
+  g = np.tile(np.array([[1.0, -2.0, 0.5]], np.float32), (m, 1))
+  sol = solve(jnp.asarray(g @ g.T))
+  assert_simplex(sol.weights)
+  np.testing.assert_allclose(np.asarray(sol.weights) @ g, g[0], rtol=1e-6)
+  assert float(sol.kkt_residual) <= 1e-6
+
+
+def test_collinear_groups_pick_the_shortest():
+  g = np.array([[1.0], [2.0], [5.0]])
+  w = solve(jnp.asarray(g @ g.T)).weights
+  np.testing.assert_allclose(w, [1.0, 0.0, 0.0], atol=1e-6)
+
+
+def test_opposite_groups_cancel():
+  g = np.array([[1.0, 0.0], [-2.0, 0.0]])
+  sol = solve(jnp.asarray(g @ g.T, jnp.float32))
+  np.testing.assert_allclose(sol.weights, [2 / 3, 1 / 3], atol=1e-6)
+  d = np.asarray(sol.weights) @ g
+  np.testing.assert_allclose(d, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize('solver', grain_optax.SOLVERS)
+def test_non_finite_groups_are_excluded(solver):
+  g = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
+  k = g @ g.T
+  k[1, :] = np.nan
+  k[:, 1] = np.nan
+  sol = solve(jnp.asarray(k), solver=solver)
+  w = np.asarray(sol.weights)
+  assert w[1] == 0.0
+  assert_simplex(w, atol=1e-5)
+  np.testing.assert_allclose(w, [1.0, 0.0, 0.0], atol=1e-4)
+
+
+@pytest.mark.parametrize('solver', grain_optax.SOLVERS)
+def test_all_groups_non_finite_gives_zero_weights(solver):
+  sol = solve(jnp.full((3, 3), jnp.inf), solver=solver)
+  np.testing.assert_array_equal(sol.weights, np.zeros(3))
+  assert float(sol.kkt_residual) == 0.0
+
+
+def test_mask_excludes_groups():
+  g = np.eye(3, dtype=np.float32)
+  w = grain_optax.min_norm_weights(jnp.asarray(g), mask=jnp.array([True, False, True])).weights
+  np.testing.assert_allclose(w, [0.5, 0.0, 0.5], atol=1e-6)
+
+
+def test_kkt_residual_measures_suboptimality():
+  _, k = random_gram(0, 6, rank=10, scale=1.0, common=0.0)
+  w = solve(jnp.asarray(k)).weights
+  assert float(grain_optax.kkt_residual(k, w)) < 1e-6
+  vertex = jnp.eye(6)[int(np.argmax(np.diag(k)))]
+  assert float(grain_optax.kkt_residual(k, vertex)) > 1e-2
+
+
+def test_bad_input_errors():
+  with pytest.raises(ValueError, match='square'):
+    grain_optax.min_norm_weights(jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match='unknown solver'):
+    grain_optax.min_norm_weights(jnp.eye(2), solver='newton')
+
+
+def test_jit_does_not_retrace_across_values():
+  import chex
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def f(k):
+    return grain_optax.min_norm_weights(k).weights
+
+  for seed in range(3):
+    _, k = random_gram(seed, 4, rank=6, scale=1.0, common=0.0)
+    f(jnp.asarray(k)).block_until_ready()
