@@ -35,8 +35,7 @@ def test_update_has_nonnegative_inner_product_with_every_group(m, solver):
   tx = grain_optax.grain(num_groups=m, solver=solver)
   d, state = jax.jit(tx.update)(g, tx.init(params_like(g)))
   gf = flat(g)
-  df = np.concatenate([np.asarray(d['w']).ravel(), np.asarray(d['b']).ravel()])
-  # Order as in flat(): leaves sorted by key ('b' then 'w').
+  # Leaves in tree order, as in flat(): 'b' then 'w'.
   df = np.concatenate([np.asarray(d['b']).ravel(), np.asarray(d['w']).ravel()])
   tol = 1e-5 if solver == 'exact' else 1e-2
   scale = np.max(np.sum(gf ** 2, 1))
