@@ -5,6 +5,8 @@ combination, ``d = sum_i w_i g_i`` with ``w = argmin_{w in simplex} ||d||^2``,
 which has a non-negative inner product with every group gradient.
 """
 
+from grain_optax._src.accumulate import accumulate
+from grain_optax._src.accumulate import AccumulateState
 from grain_optax._src.combine import combine
 from grain_optax._src.gram import gram_matrix
 from grain_optax._src.grouping import group_value_and_grad
@@ -19,6 +21,8 @@ from grain_optax._src.transform import GrainState
 __version__ = '0.1.0'
 
 __all__ = (
+    'accumulate',
+    'AccumulateState',
     'combine',
     'grain',
     'GrainState',

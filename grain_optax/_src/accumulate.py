@@ -1,0 +1,314 @@
+r"""``accumulate()``: GRAIN across mini-batches (gradient accumulation).
+
+Gradient accumulation (e.g. ``optax.MultiSteps``) averages the gradients of
+:math:`k` micro-batches before one optimizer step. :func:`accumulate` replaces
+that mean with the minimum-norm point of the :math:`k` stored gradients,
+
+.. math::
+  d = \sum_{j=1}^k w_j\, g_j, \qquad
+  w = \operatorname*{argmin}_{w \in \Delta_k} \Big\|\sum_j w_j g_j\Big\|^2,
+
+and hands :math:`d` to an inner transformation once per window.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from grain_optax._src import combine as combine_lib
+from grain_optax._src import gram as gram_lib
+from grain_optax._src import solvers
+from grain_optax._src import transform
+from grain_optax._src import validation
+
+EveryK = Union[int, jax.Array, Callable[[jax.Array], Any]]
+
+
+class AccumulateState(NamedTuple):
+  """State of :func:`accumulate`.
+
+  Attributes:
+    mini_step: ``[]`` int32, the number of gradients stored in the current
+      window, ``0 <= mini_step < every_k``; 0 again right after the window
+      closed and the inner transformation stepped.
+    buffer: a pytree shaped like the params whose every leaf is
+      ``[max_every_k, *param_shape]`` in the buffer dtype. Slots
+      ``0 .. mini_step - 1`` hold the current window's gradients; later slots
+      hold stale values from an earlier window, which the solver never uses.
+    inner_state: the inner transformation's state; it moves only when a
+      window closes.
+    stats: a :class:`GrainState` describing the last closed window (uniform
+      weights and zeros before the first): ``count`` is the number of windows
+      closed so far, i.e. the number of inner steps; ``weights`` is
+      ``[max_every_k]`` float32, the convex weights of the window's gradients
+      (zero for slots outside the window and for non-finite gradients);
+      ``num_nonfinite`` counts the window's gradients excluded for NaN or
+      infinity; the other fields are as in :func:`grain`.
+  """
+  mini_step: jax.Array
+  buffer: Any
+  inner_state: Any
+  stats: transform.GrainState
+
+
+def _window_size(every_k, max_every_k, step):
+  """The current window size: a Python int, or an int32 array in [1, max]."""
+  if isinstance(every_k, int):
+    return every_k
+  k = every_k(step) if callable(every_k) else every_k
+  k = jnp.asarray(k)
+  if k.shape != ():
+    raise ValueError(
+        f'grain_optax.accumulate: every_k must give a scalar window size; got '
+        f'shape {k.shape}.')
+  return jnp.clip(k.astype(jnp.int32), 1, max_every_k)
+
+
+def _check_updates(updates, buffer):
+  """Trace-time check: ``updates`` is ``buffer`` without its slot axis."""
+  b_struct = jax.tree_util.tree_structure(buffer)
+  u_struct = jax.tree_util.tree_structure(updates)
+  if b_struct != u_struct:
+    raise ValueError(
+        'grain_optax.accumulate: the updates and the params given to init '
+        f'have different tree structures:\n  updates: {u_struct}\n'
+        f'  params:  {b_struct}')
+  u_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for (path, u), b in zip(u_leaves, jax.tree_util.tree_leaves(buffer)):
+    shape = tuple(getattr(u, 'shape', ()))
+    if shape != tuple(b.shape[1:]):
+      hint = ''
+      if len(shape) == b.ndim and shape[1:] == tuple(b.shape[1:]):
+        hint = (' These look like per-group gradients (a leading group axis of '
+                f'{shape[0]}): put grain_optax.grain() before accumulate in '
+                'the chain to combine the groups first.')
+      raise ValueError(
+          f'grain_optax.accumulate: leaf {validation.leaf_name(path)} of the '
+          f'updates has shape {shape}, but the matching param has shape '
+          f'{tuple(b.shape[1:])}; accumulate takes one ordinary '
+          f'(params-shaped) gradient per call.{hint}')
+
+
+def accumulate(
+    inner: optax.GradientTransformation,
+    *,
+    every_k: EveryK,
+    max_every_k: Optional[int] = None,
+    buffer_dtype: Optional[Any] = None,
+    solver: str = 'exact',
+    tolerance: Optional[float] = None,
+    max_iterations: Optional[int] = None,
+    regularization: float = 1e-7,
+    stepsize: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GRAIN across mini-batches: accumulate :math:`k` gradients, step on their min-norm point.
+
+  The drop-in replacement of ``optax.MultiSteps`` in which the mean of the
+  :math:`k` micro-batch gradients :math:`g_1, \dots, g_k` of a window becomes
+
+  .. math::
+    d = \sum_{j=1}^k w_j\, g_j, \qquad
+    w = \operatorname*{argmin}_{w \in \Delta_k} w^\top K w, \quad
+    K_{ij} = \langle g_i, g_j \rangle,
+
+  so that :math:`\langle d, g_j \rangle \ge \|d\|^2 \ge 0` for every
+  micro-batch. On each of the first :math:`k - 1` calls of a window,
+  ``update`` stores its (params-shaped) gradient and returns all-zero updates,
+  leaving ``inner``'s state untouched; on the :math:`k`-th it solves the QP
+  over the :math:`k` stored gradients (:func:`gram_matrix`,
+  :func:`min_norm_weights`, :func:`combine`) and calls ``inner.update`` once on
+  :math:`d`, passing on ``params`` and the extra arguments of that call. The
+  result equals :func:`grain` applied to the :math:`k` gradients stacked on a
+  group axis, followed by ``inner``.
+
+  Each gradient may itself be a within-batch GRAIN result::
+
+    optax.chain(grain_optax.grain(), grain_optax.accumulate(optax.adamw(1e-3), every_k=4))
+
+  Memory: the buffer holds :math:`k` gradients, i.e. :math:`k` times the
+  params in ``buffer_dtype`` (``max_every_k`` times with a schedule);
+  ``buffer_dtype=jnp.bfloat16`` halves it for float32 params. ``optax.MultiSteps``
+  keeps one running sum instead (1 times the params): the min-norm point needs
+  every gradient of the window, not just their sum. Gradients are rounded to
+  ``buffer_dtype`` when stored; the Gram matrix and the combination accumulate
+  in float32, and :math:`d` is returned in the dtype of the incoming updates.
+
+  A micro-batch gradient holding NaN or infinity gets weight 0 (counted in
+  ``state.stats.num_nonfinite``); if all of a window's gradients are
+  non-finite, ``inner`` receives zeros.
+
+  Args:
+    inner: the transformation to step once per window (e.g.
+      ``optax.adamw(1e-3)``); plain ``GradientTransformation`` or one taking
+      extra arguments.
+    every_k: the window size :math:`k`: a Python int ``>= 1``, or, when
+      ``max_every_k`` is given, a schedule ``step -> k`` evaluated at the
+      number of inner steps taken so far (like ``MultiSteps``'
+      ``every_k_schedule``) or a scalar int array (e.g. injected by
+      ``optax.inject_hyperparams``). Values from a schedule or an array are
+      clipped to ``[1, max_every_k]``.
+    max_every_k: the buffer's number of slots, a Python int; required when
+      ``every_k`` is not an int (shapes must be static, so the buffer is sized
+      for the largest window), and defaults to ``every_k`` otherwise.
+    buffer_dtype: dtype of the stored gradients; ``None`` (default) uses each
+      param's own dtype. With ``optax.inject_hyperparams``, list it in
+      ``static_args`` or give it as a string such as ``'bfloat16'``.
+    solver: ``'exact'`` (default) or ``'projected_gradient'``; see
+      :func:`min_norm_weights`.
+    tolerance: solver tolerance (see :func:`min_norm_weights`); may be injected.
+    max_iterations: solver iteration cap (see :func:`min_norm_weights`).
+    regularization: ridge for the exact solver; may be injected.
+    stepsize: fixed step for the projected-gradient solver, 0 for line search.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`AccumulateState`; its ``update`` accepts extra keyword arguments
+    and forwards them to ``inner`` on the calls that close a window.
+
+  Raises:
+    ValueError: for ``every_k < 1``, a non-int ``every_k`` without
+      ``max_every_k``, an unknown solver, or (when tracing ``update``) updates
+      that are not shaped like the params, naming the leaf and its shape.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import grain_optax
+    >>> params = {'w': jnp.zeros(2)}
+    >>> tx = grain_optax.accumulate(optax.sgd(1.0), every_k=2)
+    >>> state = tx.init(params)
+    >>> u, state = tx.update({'w': jnp.array([1., 0.])}, state, params)
+    >>> u['w'].tolist()  # first of two: stored, no step
+    [0.0, 0.0]
+    >>> u, state = tx.update({'w': jnp.array([0., 2.])}, state, params)
+    >>> [round(x, 4) for x in u['w'].tolist()]  # -(0.8 g_1 + 0.2 g_2)
+    [-0.8, -0.4]
+    >>> [round(x, 4) for x in state.stats.weights.tolist()]
+    [0.8, 0.2]
+  """
+  if isinstance(every_k, bool):
+    raise ValueError(
+        f'grain_optax.accumulate: every_k must be an int >= 1, got {every_k!r}.')
+  if isinstance(every_k, int):
+    if every_k < 1:
+      raise ValueError(
+          f'grain_optax.accumulate: every_k must be >= 1, got {every_k}.')
+    if max_every_k is None:
+      max_every_k = every_k
+    if max_every_k != every_k:
+      raise ValueError(
+          f'grain_optax.accumulate: with an int every_k={every_k}, '
+          f'max_every_k must be None or equal to it, got {max_every_k}.')
+  elif max_every_k is None:
+    raise ValueError(
+        'grain_optax.accumulate: every_k is a schedule or an array '
+        f'({type(every_k).__name__}), so the buffer size cannot be read from '
+        'it; give max_every_k (a Python int >= 1) to keep shapes static. With '
+        "optax.inject_hyperparams, either pass static_args=('every_k',) or "
+        'give max_every_k.')
+  if (isinstance(max_every_k, bool) or not isinstance(max_every_k, int)
+      or max_every_k < 1):
+    raise ValueError(
+        f'grain_optax.accumulate: max_every_k must be an int >= 1, got '
+        f'{max_every_k!r}.')
+  if solver not in solvers.SOLVERS:
+    raise ValueError(
+        f'grain_optax.accumulate: unknown solver {solver!r}; choose one of '
+        f'{solvers.SOLVERS}.')
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(
+        'grain_optax.accumulate: inner must be an optax GradientTransformation, '
+        f'got {type(inner).__name__}.')
+  inner = optax.with_extra_args_support(inner)
+  num_slots = max_every_k
+  if buffer_dtype is not None:
+    buffer_dtype = jnp.dtype(buffer_dtype)
+
+  def init_fn(params):
+    if params is None:
+      raise ValueError(
+          'grain_optax.accumulate: init needs the params, to size the buffer.')
+
+    def slots(p):
+      p = jnp.asarray(p)
+      dtype = p.dtype if buffer_dtype is None else buffer_dtype
+      return jnp.zeros((num_slots,) + p.shape, dtype)
+
+    return AccumulateState(
+        mini_step=jnp.zeros([], jnp.int32),
+        buffer=jax.tree_util.tree_map(slots, params),
+        inner_state=inner.init(params),
+        stats=transform.GrainState(
+            count=jnp.zeros([], jnp.int32),
+            weights=jnp.full([num_slots], 1.0 / num_slots, jnp.float32),
+            kkt_residual=jnp.zeros([], jnp.float32),
+            norm_ratio=jnp.zeros([], jnp.float32),
+            min_cosine=jnp.zeros([], jnp.float32),
+            mean_min_cosine=jnp.zeros([], jnp.float32),
+            num_nonfinite=jnp.zeros([], jnp.int32),
+            solver_iterations=jnp.zeros([], jnp.int32),
+        ),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _check_updates(updates, state.buffer)
+    k = _window_size(every_k, num_slots, state.stats.count)
+    slot = state.mini_step
+    buffer = jax.tree_util.tree_map(
+        lambda b, u: jax.lax.dynamic_update_index_in_dim(
+            b, jnp.asarray(u).astype(b.dtype), slot, 0),
+        state.buffer, updates)
+    filled = slot + 1
+    close = filled >= k
+
+    def step_inner(d, inner_state):
+      return inner.update(d, inner_state, params, **extra_args)
+
+    # Shapes and dtypes of what inner returns, for the zeros of a held call.
+    out_struct = jax.eval_shape(step_inner, updates, state.inner_state)
+
+    def close_window():
+      in_window = jnp.arange(num_slots) < filled
+      gram = gram_lib.gram_matrix(buffer)
+      sol = solvers.min_norm_weights(
+          gram, solver=solver, mask=in_window, tolerance=tolerance,
+          max_iterations=max_iterations, regularization=regularization,
+          stepsize=stepsize)
+      d = combine_lib.combine(buffer, sol.weights)
+      d = jax.tree_util.tree_map(
+          lambda x, u: x.astype(jnp.asarray(u).dtype), d, updates)
+      new_updates, new_inner = step_inner(d, state.inner_state)
+      new_inner = jax.tree_util.tree_map(
+          lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
+          new_inner, state.inner_state)
+      normalized, valid, _ = solvers.normalize_gram(gram, in_window)
+      ratio, min_cos, mean_min_cos = transform._statistics(  # pylint: disable=protected-access
+          normalized, sol.weights, valid)
+      stats = transform.GrainState(
+          count=optax.safe_increment(state.stats.count),
+          weights=sol.weights,
+          kkt_residual=sol.kkt_residual,
+          norm_ratio=ratio.astype(jnp.float32),
+          min_cosine=min_cos.astype(jnp.float32),
+          mean_min_cosine=mean_min_cos.astype(jnp.float32),
+          num_nonfinite=(jnp.sum(in_window) - jnp.sum(valid)).astype(jnp.int32),
+          solver_iterations=jnp.asarray(sol.num_iterations, jnp.int32),
+      )
+      return new_updates, new_inner, stats
+
+    def hold():
+      zeros = jax.tree_util.tree_map(
+          lambda s: jnp.zeros(s.shape, s.dtype), out_struct[0])
+      return zeros, state.inner_state, state.stats
+
+    new_updates, inner_state, stats = jax.lax.cond(close, close_window, hold)
+    new_state = AccumulateState(
+        mini_step=jnp.where(close, 0, filled).astype(jnp.int32),
+        buffer=buffer,
+        inner_state=inner_state,
+        stats=stats,
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
