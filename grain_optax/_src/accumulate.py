@@ -211,7 +211,8 @@ def accumulate(
       or max_every_k < 1):
     raise ValueError(
         f'grain_optax.accumulate: max_every_k must be an int >= 1, got '
-        f'{max_every_k!r}.')
+        f'{max_every_k!r} (with optax.inject_hyperparams, pass '
+        "static_args=('max_every_k',)).")
   if solver not in solvers.SOLVERS:
     raise ValueError(
         f'grain_optax.accumulate: unknown solver {solver!r}; choose one of '
