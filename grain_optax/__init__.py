@@ -17,6 +17,8 @@ from grain_optax._src.solvers import MinNormSolution
 from grain_optax._src.solvers import SOLVERS
 from grain_optax._src.transform import grain
 from grain_optax._src.transform import GrainState
+from grain_optax._src.training import grain_statistics
+from grain_optax._src.training import nnx_group_value_and_grad
 
 __version__ = '0.1.0'
 
@@ -25,12 +27,14 @@ __all__ = (
     'AccumulateState',
     'combine',
     'grain',
+    'grain_statistics',
     'GrainState',
     'gram_matrix',
     'group_value_and_grad',
     'kkt_residual',
     'min_norm_weights',
     'MinNormSolution',
+    'nnx_group_value_and_grad',
     'SOLVERS',
     'split_into_groups',
 )

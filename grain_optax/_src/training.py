@@ -1,0 +1,170 @@
+"""Training-loop helpers: per-group gradients of Flax NNX modules, statistics.
+
+Flax is imported only inside :func:`nnx_group_value_and_grad`, so the rest of
+the package never needs it.
+"""
+
+from typing import Any, Callable, Dict
+
+import jax
+
+from grain_optax._src import accumulate as accumulate_lib
+from grain_optax._src import grouping
+from grain_optax._src import transform
+
+
+def nnx_group_value_and_grad(
+    loss_fn: Callable[..., Any],
+    num_groups: int,
+    *,
+    wrt: Any = None,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+  r"""Per-group losses and gradients of a Flax NNX module, for :func:`grain`.
+
+  The NNX counterpart of :func:`group_value_and_grad`: splits ``batch`` along
+  axis 0 of every leaf into ``num_groups`` equal contiguous groups and maps
+  ``nnx.value_and_grad(loss_fn)`` over them with ``nnx.vmap``, the module
+  shared. Group :math:`i` gets :math:`L_i` and
+  :math:`g_i = \nabla_\theta L_i` for the variables selected by ``wrt``. The
+  gradients have the structure ``nnx.Optimizer.update`` expects, with a
+  leading group axis on every leaf, so one line trains with GRAIN::
+
+    optimizer = nnx.Optimizer(model, optax.chain(grain_optax.grain(),
+                                                 optax.adamw(1e-3)), wrt=nnx.Param)
+    losses, grads = grain_optax.nnx_group_value_and_grad(loss_fn, 4)(model, batch)
+    optimizer.update(model, grads)
+
+  RNG streams (``nnx.Rngs``, e.g. for ``nnx.Dropout``) are split so that every
+  group draws its own random numbers, and they advance as in an ordinary step.
+  Other non-differentiated state is shared read-only by the groups: a loss
+  that updates it (``nnx.BatchNorm`` in training mode) raises a ``ValueError``
+  (use ``model.eval()`` or ``use_running_average=True`` for the groups, or a
+  per-example normalisation such as ``nnx.LayerNorm``). To run the groups in
+  sequence and save activation memory, apply :func:`group_value_and_grad`
+  with ``chunk_size`` to a pure function of ``nnx.split`` state instead.
+
+  Args:
+    loss_fn: ``loss_fn(model, batch, *args) -> loss`` (or ``(loss, aux)``
+      with ``has_aux=True``); the loss must be a scalar, typically the mean
+      over the examples of ``batch``.
+    num_groups: the number of groups ``m >= 1``; must divide the batch size.
+    wrt: an ``nnx`` filter of the variables to differentiate; default
+      ``nnx.Param``. Use the same filter as the ``nnx.Optimizer``.
+    has_aux: as in ``nnx.value_and_grad``.
+
+  Returns:
+    A function ``(model, batch, *args) -> (losses, grads)`` or
+    ``((losses, aux), grads)``: ``losses`` is ``[m]``; ``aux`` and every leaf
+    of the ``nnx.State`` ``grads`` have a leading group axis ``m``. Extra
+    positional ``args`` are shared by all groups.
+
+  Raises:
+    ValueError: if ``num_groups < 1``; when called, if a batch leaf's size is
+      not divisible by ``num_groups`` (naming the leaf) or ``loss_fn`` updates
+      shared module state.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from flax import nnx
+    >>> import grain_optax
+    >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+    >>> def loss_fn(model, batch):
+    ...   return jnp.mean((model(batch['x'])[:, 0] - batch['y']) ** 2)
+    >>> batch = {'x': jnp.ones((8, 3)), 'y': jnp.arange(8.)}
+    >>> losses, grads = grain_optax.nnx_group_value_and_grad(loss_fn, 4)(
+    ...     model, batch)
+    >>> losses.shape, grads['kernel'].shape
+    ((4,), (4, 3, 1))
+    >>> tx = optax.chain(grain_optax.grain(num_groups=4), optax.sgd(0.1))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> _ = optimizer.update(model, grads)
+    >>> int(optimizer.step[...])
+    1
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  grouping._check_num_groups(num_groups)  # pylint: disable=protected-access
+  if wrt is None:
+    wrt = nnx.Param
+  grad_fn = nnx.value_and_grad(
+      loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
+  # RNG streams get one key per group; everything else is broadcast.
+  module_axes = nnx.StateAxes({nnx.RngState: 0, ...: None})
+
+  def wrapped(model, batch, *args):
+    groups = grouping.split_into_groups(batch, num_groups)
+
+    @nnx.split_rngs(splits=num_groups)
+    @nnx.vmap(in_axes=(module_axes, 0) + (None,) * len(args), out_axes=0)
+    def per_group(model, group, *args):
+      return grad_fn(model, group, *args)
+
+    try:
+      return per_group(model, groups, *args)
+    except ValueError as e:
+      if 'out_axes' not in str(e):
+        raise
+      raise ValueError(
+          'grain_optax.nnx_group_value_and_grad: loss_fn changed module state '
+          'that the groups share (other than RNG streams), e.g. nnx.BatchNorm '
+          'statistics in training mode; the groups cannot each update one '
+          'shared copy. Call model.eval() (or set use_running_average=True), '
+          f'or use a per-example normalisation. Flax said: {e}') from e
+
+  return wrapped
+
+
+def grain_statistics(opt_state: Any) -> Dict[str, transform.GrainState]:
+  """The GRAIN statistics held anywhere in an optimizer state, for logging.
+
+  Finds every :class:`GrainState` in ``opt_state`` (from :func:`grain`, and
+  the ``stats`` of :func:`accumulate`), whether it comes from ``optax``
+  directly, a Linen ``TrainState.opt_state`` or an ``nnx.Optimizer``'s
+  ``opt_state`` (whose ``nnx`` variables are unwrapped to arrays).
+
+  Args:
+    opt_state: an optimizer state, e.g. of
+      ``optax.chain(grain(), accumulate(adamw(...), every_k=4))``.
+
+  Returns:
+    A dict from name to :class:`GrainState` of arrays, in the order found:
+    ``'grain'`` for the within-batch statistics, ``'accumulate'`` for the
+    across-batch ones (``'grain_1'``, ... if there are several).
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import grain_optax
+    >>> tx = optax.chain(grain_optax.grain(),
+    ...                  grain_optax.accumulate(optax.sgd(0.1), every_k=2))
+    >>> stats = grain_optax.grain_statistics(tx.init({'w': jnp.zeros(3)}))
+    >>> list(stats), int(stats['accumulate'].count)
+    (['grain', 'accumulate'], 0)
+  """
+  def is_node(x):
+    return isinstance(x, (transform.GrainState, accumulate_lib.AccumulateState))
+
+  def unwrap(x):
+    if hasattr(x, 'get_value'):  # an nnx.Variable
+      return x.get_value()
+    return getattr(x, 'value', x)
+
+  found = {}
+
+  def visit(tree):
+    for node in jax.tree_util.tree_leaves(tree, is_leaf=is_node):
+      if isinstance(node, accumulate_lib.AccumulateState):
+        visit(node.inner_state)
+        add('accumulate', node.stats)
+      elif isinstance(node, transform.GrainState):
+        add('grain', node)
+
+  def add(base, stats):
+    name, i = base, 0
+    while name in found:
+      i += 1
+      name = f'{base}_{i}'
+    found[name] = transform.GrainState(*(unwrap(x) for x in stats))
+
+  visit(opt_state)
+  return found
