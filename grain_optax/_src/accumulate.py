@@ -103,7 +103,7 @@ def accumulate(
     regularization: float = 1e-7,
     stepsize: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""GRAIN across mini-batches: accumulate :math:`k` gradients, step on their min-norm point.
+  r"""GRAIN across mini-batches: one inner step on the min-norm point of k gradients.
 
   The drop-in replacement of ``optax.MultiSteps`` in which the mean of the
   :math:`k` micro-batch gradients :math:`g_1, \dots, g_k` of a window becomes
@@ -125,15 +125,17 @@ def accumulate(
 
   Each gradient may itself be a within-batch GRAIN result::
 
-    optax.chain(grain_optax.grain(), grain_optax.accumulate(optax.adamw(1e-3), every_k=4))
+    optax.chain(grain_optax.grain(),
+                grain_optax.accumulate(optax.adamw(1e-3), every_k=4))
 
   Memory: the buffer holds :math:`k` gradients, i.e. :math:`k` times the
   params in ``buffer_dtype`` (``max_every_k`` times with a schedule);
-  ``buffer_dtype=jnp.bfloat16`` halves it for float32 params. ``optax.MultiSteps``
-  keeps one running sum instead (1 times the params): the min-norm point needs
-  every gradient of the window, not just their sum. Gradients are rounded to
-  ``buffer_dtype`` when stored; the Gram matrix and the combination accumulate
-  in float32, and :math:`d` is returned in the dtype of the incoming updates.
+  ``buffer_dtype=jnp.bfloat16`` halves it for float32 params.
+  ``optax.MultiSteps`` keeps one running sum instead (1 times the params): the
+  min-norm point needs every gradient of the window, not just their sum.
+  Gradients are rounded to ``buffer_dtype`` when stored; the Gram matrix and
+  the combination accumulate in float32, and :math:`d` is returned in the
+  dtype of the incoming updates.
 
   A micro-batch gradient holding NaN or infinity gets weight 0 (counted in
   ``state.stats.num_nonfinite``); if all of a window's gradients are
@@ -189,7 +191,8 @@ def accumulate(
   """
   if isinstance(every_k, bool):
     raise ValueError(
-        f'grain_optax.accumulate: every_k must be an int >= 1, got {every_k!r}.')
+        'grain_optax.accumulate: every_k must be an int >= 1, got '
+        f'{every_k!r}.')
   if isinstance(every_k, int):
     if every_k < 1:
       raise ValueError(
@@ -219,8 +222,8 @@ def accumulate(
         f'{solvers.SOLVERS}.')
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
-        'grain_optax.accumulate: inner must be an optax GradientTransformation, '
-        f'got {type(inner).__name__}.')
+        'grain_optax.accumulate: inner must be an optax '
+        f'GradientTransformation, got {type(inner).__name__}.')
   inner = optax.with_extra_args_support(inner)
   num_slots = max_every_k
   if buffer_dtype is not None:
@@ -284,7 +287,8 @@ def accumulate(
           lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
           new_inner, state.inner_state)
       normalized, valid, _ = solvers.normalize_gram(gram, in_window)
-      ratio, min_cos, mean_min_cos = transform._statistics(  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      ratio, min_cos, mean_min_cos = transform._statistics(
           normalized, sol.weights, valid)
       stats = transform.GrainState(
           count=optax.safe_increment(state.stats.count),
