@@ -14,6 +14,10 @@ from grain_optax._src.grouping import split_into_groups
 from grain_optax._src.solvers import kkt_residual
 from grain_optax._src.solvers import min_norm_weights
 from grain_optax._src.solvers import MinNormSolution
+from grain_optax._src.sharding import collective_bytes
+from grain_optax._src.sharding import CollectiveCost
+from grain_optax._src.sharding import min_norm_point
+from grain_optax._src.sharding import MinNormPoint
 from grain_optax._src.solvers import SOLVERS
 from grain_optax._src.transform import grain
 from grain_optax._src.transform import GrainState
@@ -25,6 +29,8 @@ __version__ = '0.1.0'
 __all__ = (
     'accumulate',
     'AccumulateState',
+    'collective_bytes',
+    'CollectiveCost',
     'combine',
     'grain',
     'grain_statistics',
@@ -32,7 +38,9 @@ __all__ = (
     'gram_matrix',
     'group_value_and_grad',
     'kkt_residual',
+    'min_norm_point',
     'min_norm_weights',
+    'MinNormPoint',
     'MinNormSolution',
     'nnx_group_value_and_grad',
     'SOLVERS',

@@ -1,24 +1,45 @@
 """The Gram matrix of per-group updates."""
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
+from grain_optax._src import sharding
 from grain_optax._src import validation
 
 
+def _explicit_replicated(leaf: jax.Array):
+  """A replicated out_sharding if ``leaf`` is sharded over Explicit axes."""
+  try:
+    s = jax.typeof(leaf).sharding
+    spec, mesh = s.spec, s.mesh
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if getattr(mesh, 'empty', True) or not any(e is not None for e in spec):
+    return None
+  types = {str(t).lower() for t in getattr(mesh, 'axis_types', ())}
+  if not any('explicit' in t for t in types):
+    return None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def _leaf_gram(leaf: jax.Array) -> jax.Array:
-  m = leaf.shape[0]
-  flat = leaf.reshape(m, -1)
+  # Contract the parameter axes in place: a reshape to [m, P] would make the
+  # partitioner gather a leaf sharded along a minor parameter axis.
+  flat = leaf if leaf.ndim > 1 else leaf.reshape(leaf.shape[0], 1)
+  dims = (tuple(range(1, flat.ndim)),) * 2
+  out = _explicit_replicated(leaf)
+  kwargs = {} if out is None else {'out_sharding': out}
   return jax.lax.dot_general(
       flat, flat,
-      dimension_numbers=(((1,), (1,)), ((), ())),
+      dimension_numbers=(dims, ((), ())),
       precision=jax.lax.Precision.HIGHEST,
-      preferred_element_type=jnp.float32)
+      preferred_element_type=jnp.float32, **kwargs)
 
 
-def gram_matrix(per_group: Any) -> jax.Array:
+def gram_matrix(per_group: Any, *,
+                param_axis_name: Optional[Any] = None) -> jax.Array:
   r"""Gram matrix of per-group updates, accumulated in float32.
 
   For a tree whose every leaf has a leading group axis of size :math:`m`,
@@ -28,19 +49,33 @@ def gram_matrix(per_group: Any) -> jax.Array:
     K_{ij} = \langle g_i, g_j \rangle = \sum_{\ell \in \text{leaves}}
     \operatorname{vec}(g_i^{(\ell)})^\top \operatorname{vec}(g_j^{(\ell)}).
 
-  Each leaf is read once, as an ``[m, P_leaf] @ [P_leaf, m]`` product with
+  Each leaf is read once, as an ``[m, P_leaf] @ [P_leaf, m]`` product (its
+  parameter axes contracted in place) with
   float32 accumulation whatever its dtype (bfloat16 and float16 products are
   exact in float32) and full float32 precision on accelerators (no TF32).
 
+  Sharded parameters: under ``jax.jit`` a leaf sharded along its parameter
+  dimensions gives partial products that the partitioner sums with an
+  all-reduce of the ``[m, m]`` result; no gradient is gathered. Inside
+  ``jax.shard_map`` over a parameter axis, pass ``param_axis_name``: the
+  leaves that vary over it are blocks of the parameters, and
+  :math:`K = \operatorname{psum}(\sum_{\text{blocks}} K^{(s)}) +
+  K_{\text{replicated}}` (leaves that do not vary over it count once).
+
   Args:
     per_group: a pytree whose leaves all have shape ``[m, *param_shape]``.
+    param_axis_name: inside ``jax.shard_map`` (with ``check_vma=True``, the
+      default), the axis or tuple of axes the parameters are sharded over.
 
   Returns:
     The symmetric positive semi-definite ``[m, m]`` float32 Gram matrix. A group
-    with a NaN or infinite entry gets a non-finite row and column.
+    with a NaN or infinite entry gets a non-finite row and column. With
+    ``param_axis_name`` it is the same on every device.
 
   Raises:
-    ValueError: if leaves disagree on ``m`` or a leaf has no group axis.
+    ValueError: if leaves disagree on ``m`` or a leaf has no group axis, or
+      ``param_axis_name`` is not a bound axis or cannot be told apart (see
+      above).
 
   Example:
     >>> import jax.numpy as jnp
@@ -51,5 +86,28 @@ def gram_matrix(per_group: Any) -> jax.Array:
            [1., 5.]], dtype=float32)
   """
   validation.group_count(per_group)
-  grams = [_leaf_gram(leaf) for leaf in jax.tree_util.tree_leaves(per_group)]
-  return sum(grams[1:], grams[0])
+  leaves = jax.tree_util.tree_leaves(per_group)
+  grams = [_leaf_gram(leaf) for leaf in leaves]
+  axes = sharding.axes_tuple(param_axis_name, 'param_axis_name')
+  if not axes:
+    return sum(grams[1:], grams[0])
+  try:
+    jax.lax.axis_size(axes)
+  except Exception:  # pylint: disable=broad-except
+    raise ValueError(
+        f'grain_optax.gram_matrix: param_axis_name={param_axis_name!r} is not '
+        'a bound axis; call it inside jax.shard_map over that axis.') from None
+  if not sharding.vma_tracked():
+    raise ValueError(
+        'grain_optax.gram_matrix: param_axis_name needs jax.shard_map with '
+        'check_vma=True (the default) to tell the leaves sharded over the '
+        'parameter axis from the replicated ones.')
+  blocks = [g for g, leaf in zip(grams, leaves)
+            if set(axes) & (sharding.varying_axes(leaf) or frozenset())]
+  whole = [g for g, leaf in zip(grams, leaves)
+           if not set(axes) & (sharding.varying_axes(leaf) or frozenset())]
+  gram = jax.lax.psum(sum(blocks[1:], blocks[0]), axes) if blocks else None
+  if whole:
+    rest = sum(whole[1:], whole[0])
+    gram = rest if gram is None else gram + rest
+  return gram

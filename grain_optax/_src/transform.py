@@ -9,6 +9,7 @@ import optax
 
 from grain_optax._src import combine as combine_lib
 from grain_optax._src import gram as gram_lib
+from grain_optax._src import sharding as sharding_lib
 from grain_optax._src import solvers
 from grain_optax._src import validation
 
@@ -80,6 +81,10 @@ def grain(
     max_iterations: Optional[int] = None,
     regularization: float = 1e-7,
     stepsize: float = 0.0,
+    axis_name: Optional[sharding_lib.AxisName] = None,
+    param_axis_name: Optional[sharding_lib.AxisName] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GRAIN: replace the mean of group gradients by their min-norm combination.
 
@@ -114,6 +119,22 @@ def grain(
     max_iterations: solver iteration cap (see :func:`min_norm_weights`).
     regularization: ridge for the exact solver; may be injected.
     stepsize: fixed step for the projected-gradient solver, 0 for line search.
+    axis_name: the mesh axis (or tuple of axes) the groups are spread over:
+      inside ``jax.shard_map`` a manual axis, each device passing its own
+      ``[k, *param_shape]`` groups (``num_groups`` then counts all
+      ``k * axis_size`` groups); under ``jax.jit`` an axis of the mesh that
+      shards the group axis of ``[m, *param_shape]`` updates. None: read from
+      the updates' types when their group axis is sharded over ``Explicit``
+      mesh axes, otherwise no spreading.
+    param_axis_name: inside ``jax.shard_map``, the axis (or axes) the
+      parameters are sharded over (FSDP, tensor parallelism): the Gram matrix
+      is the psum of the per-block partial Grams and no block is gathered.
+    mesh: under ``jax.jit`` with ``Auto`` axes and no ``jax.set_mesh``
+      context, the mesh that ``axis_name`` belongs to.
+    param_sharding: under ``jax.jit`` with ``Auto`` axes, the params'
+      ``PartitionSpec`` tree; leaves sharded along their dimensions (FSDP)
+      keep that layout instead of being gathered. With ``Explicit`` axes it
+      is read from ``params``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` accepts and
@@ -157,21 +178,41 @@ def grain(
         solver_iterations=jnp.zeros([], jnp.int32),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    m = validation.group_count(updates)
-    if num_groups is not None and m != num_groups:
-      raise ValueError(
-          f'grain_optax.grain: the updates have {m} groups on axis 0, but '
-          f'grain(num_groups={num_groups}) was asked for.')
-    if params is not None:
-      validation.check_matches_params(updates, params)
-    gram = gram_lib.gram_matrix(updates)
-    sol = solvers.min_norm_weights(
+  sharding_lib.axes_tuple(axis_name, 'axis_name')
+  sharding_lib.axes_tuple(param_axis_name, 'param_axis_name')
+
+  def solve(gram):
+    return solvers.min_norm_weights(
         gram, solver=solver, tolerance=tolerance,
         max_iterations=max_iterations, regularization=regularization,
         stepsize=stepsize)
-    new_updates = combine_lib.combine(updates, sol.weights)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    m = validation.group_count(updates)
+    if params is not None:
+      validation.check_matches_params(updates, params)
+    plan = sharding_lib.make_plan(
+        updates, axis_name=axis_name, param_axis_name=param_axis_name,
+        mesh=mesh, param_sharding=param_sharding, params=params,
+        caller='grain_optax.grain')
+    if plan is not None and plan.kind == 'manual':
+      local, m = m, plan.num_groups(m)
+      if num_groups is not None and m != num_groups:
+        raise ValueError(
+            f'grain_optax.grain: each device has {local} groups on axis 0 and '
+            f'axis {plan.axes} has {plan.size} devices, {m} groups in all, '
+            f'but grain(num_groups={num_groups}) was asked for.')
+    elif num_groups is not None and m != num_groups:
+      raise ValueError(
+          f'grain_optax.grain: the updates have {m} groups on axis 0, but '
+          f'grain(num_groups={num_groups}) was asked for.')
+    if plan is None:
+      gram = gram_lib.gram_matrix(updates)
+      sol = solve(gram)
+      new_updates = combine_lib.combine(updates, sol.weights)
+    else:
+      new_updates, sol, gram = sharding_lib.run(plan, updates, solve)
     k, valid, _ = solvers.normalize_gram(gram)
     ratio, min_cos, mean_min_cos = _statistics(k, sol.weights, valid)
     new_state = GrainState(
