@@ -150,6 +150,8 @@ def _axis_size(axes) -> int:
 
 def _all_gather_invariant(x, axes):
   """Tiled all-gather on axis 0 whose result is typed as replicated."""
+  if not vma_tracked():  # pmap, vmap, check_vma=False: no typing to satisfy.
+    return jax.lax.all_gather(x, axes, axis=0, tiled=True)
   for to in ('invarying', 'invariant'):
     try:
       return jax.lax.all_gather(x, axes, axis=0, tiled=True, to=to)
