@@ -119,6 +119,7 @@ def main():
     step = jax.jit(train_step)
     for i in range(STEPS):
       p, s = step(p, s, global_batch(100 + i))
+      jax.block_until_ready(p)  # One step in flight on the shared cores.
   for i in range(STEPS):
     ref_p, ref_s = ref_step(ref_p, ref_s,
                             jax.device_put(make_batch(100 + i), device))

@@ -83,6 +83,18 @@ def test_sharded_parameters_on_8_devices():
   assert r['gram_rel_err'] < 1e-5, r
 
 
+def test_data_parallel_example_runs():
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'examples', 'data_parallel.py'),
+       '--form', 'shard_map', '--groups-per-device', '2', '--steps', '20'],
+      env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  out = proc.stdout
+  assert '8 devices' in out and 'grain' in out, out
+  ratio = float(out.split('GRAIN / mean collective bytes: ')[1].split()[0])
+  assert 1.5 / BYTES_TOLERANCE <= ratio <= 1.5 * BYTES_TOLERANCE, out
+
+
 # ---------------------------------------------------------------------------
 # Two processes on 127.0.0.1.
 
