@@ -196,6 +196,38 @@ def case_shard_map():
         mean.lower(params, batch).compile())
     out[f'k{k}_err'] = max_err(d, d_ref)
 
+  # A batch sharded over two mesh axes (e.g. slices x chips on a pod): a
+  # tuple axis_name, in shard_map and under jit.
+  mesh2 = jax.make_mesh((2, 4), ('replica', 'data'),
+                        axis_types=(AxisType.Auto,) * 2)
+  axes = ('replica', 'data')
+  d_ref, s_ref = reference_update(params, batch, D)
+  tx = grain_optax.grain(num_groups=D, axis_name=axes)
+
+  def local2(params, batch):
+    varying = jax.lax.pcast(params, axes, to='varying')
+    _, grads = grain_optax.group_value_and_grad(loss_fn, 1)(varying, batch)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  d = jax.jit(jax.shard_map(local2, mesh=mesh2, in_specs=(P(), P(axes)),
+                            out_specs=P()))(params, batch)
+  out['tuple_shard_map_err'] = max_err(d, d_ref)
+
+  def step2(params, batch):
+    _, grads = grain_optax.group_value_and_grad(loss_fn, D)(params, batch)
+    return tx.update(grads, tx.init(params), params)
+
+  with jax.set_mesh(mesh2):
+    p = jax.device_put(params, NamedSharding(mesh2, P()))
+    b = jax.device_put(batch, NamedSharding(mesh2, P(axes)))
+    compiled = jax.jit(step2).lower(p, b).compile()
+    d, state = compiled(p, b)
+    mean_bytes = sent(jax.jit(jax.grad(loss_fn)).lower(p, b).compile())
+  assert shards_identical(state.weights)
+  out['tuple_jit_err'] = max_err(d, d_ref)
+  out['tuple_jit'] = sent(compiled) / mean_bytes
+  assert max(out['tuple_jit_err'], out['tuple_shard_map_err']) < 1e-5, out
+
   # The pitfall: gradients of replicated params are summed over the axis.
   tx = grain_optax.grain(axis_name='data')
 
@@ -248,6 +280,28 @@ def case_fsdp():
     assert cost['total'].count == cost['all-reduce'].count, cost
     assert cost['total'].operand_bytes <= 3 * gram_bytes, cost
     out[f'model_sharded_{axis_type}_bytes'] = cost['total'].sent_bytes
+
+  # 1b. jit, Explicit (data, model) mesh: groups over 'data', parameters
+  #     over 'model' (data + tensor parallelism); automatic.
+  mesh = jax.make_mesh((4, 2), ('data', 'model'),
+                       axis_types=(AxisType.Explicit,) * 2)
+  m4 = 4
+  g4 = jax.tree_util.tree_map(lambda x: x[:m4], g)
+  tx4 = grain_optax.grain(num_groups=m4)
+  d4_ref, s4_ref = jax.jit(tx4.update)(g4, tx4.init(params), params)
+  with jax.set_mesh(mesh):
+    gs = jax.device_put(
+        g4, {n: NamedSharding(mesh, P('data', *s)) for n, s in spec.items()})
+    ps = jax.device_put(params,
+                        {n: NamedSharding(mesh, s) for n, s in spec.items()})
+    compiled = jax.jit(tx4.update).lower(gs, tx4.init(ps), ps).compile()
+    d, state = compiled(gs, tx4.init(ps), ps)
+  assert max_err(d, d4_ref) < 1e-5, max_err(d, d4_ref)
+  assert max_err(state.weights, s4_ref.weights) < 1e-5
+  assert d['w'].sharding.spec == P(None, 'model'), d['w'].sharding
+  # The mean would all-reduce each device's half of the params over 'data'.
+  allreduce_blocks = 2 * (3 / 4) * 4 * (n_params / 2)
+  out['explicit_dp_tp_ratio'] = sent(compiled) / allreduce_blocks
 
   # 2. jit FSDP over the batch axis: params sharded over 'data' too. The
   #    group gradients go by all-to-all straight to the parameter layout; the

@@ -68,6 +68,9 @@ def test_shard_map_data_parallel_on_8_devices():
   assert r['k1'] <= BYTES_TOLERANCE, r
   assert r['k2'] <= 1.5 * BYTES_TOLERANCE, r
   assert r['pitfall_error'], r
+  # A tuple of mesh axes (e.g. slices x chips), in shard_map and under jit.
+  assert r['tuple_shard_map_err'] < 1e-5 and r['tuple_jit_err'] < 1e-5, r
+  assert r['tuple_jit'] <= BYTES_TOLERANCE, r
 
 
 def test_sharded_parameters_on_8_devices():
@@ -80,6 +83,7 @@ def test_sharded_parameters_on_8_devices():
   assert r['fsdp_AxisType.Auto_ratio'] <= BYTES_TOLERANCE, r
   assert r['fsdp_AxisType.Explicit_ratio'] <= BYTES_TOLERANCE, r
   assert r['shard_map_fsdp_ratio'] <= BYTES_TOLERANCE, r
+  assert r['explicit_dp_tp_ratio'] <= BYTES_TOLERANCE, r
   assert r['gram_rel_err'] < 1e-5, r
 
 
@@ -299,6 +303,8 @@ ENTRY %main {
   %s1 = bf16[1,500]{1,0} slice(%p1), slice={[1:2], [0:500]}
   %rs = f32[125]{0} reduce-scatter(%p0), channel_id=4, replica_groups={}, dimensions={0}, to_apply=%add
   %cp = f32[125]{0} collective-permute(%p2), channel_id=5, source_target_pairs={{0,1},{1,2}}
+  %ar2 = f32[4,4]{0,1} all-reduce(%g), channel_id=6, replica_groups=mesh['axis_0'=1,'axis_1'=2,'axis_2'=4], device_ids=([4,2]T(1,0)) {'axis_2'}, to_apply=%add
+  %g = f32[4,4]{1,0} parameter(3)
   ROOT %t = (f32[1000]{0}) tuple(%ar)
 }
 """
@@ -306,14 +312,15 @@ ENTRY %main {
 
 def test_collective_bytes_parses_group_formats_and_async_pairs():
   c = grain_optax.collective_bytes(_HLO)
-  assert c['all-reduce'] == (1, 4000, 2 * 3 / 4 * 4000)      # groups of 4
+  # Groups of 4; and 'axis_2'=4 with device_ids between mesh and axes.
+  assert c['all-reduce'] == (2, 4064, 2 * 3 / 4 * 4064)
   assert c['all-gather'] == (1, 500, 7 * 500)                # groups of 8
   assert c['all-to-all'] == (1, 2000, 3 / 4 * 2000)           # 'axis_1'=4
   assert c['reduce-scatter'] == (1, 4000, 7 / 8 * 4000)       # {} = all 8
   assert c['collective-permute'] == (1, 500, 500)
-  assert c['total'].count == 5
+  assert c['total'].count == 6
   assert c['total'].sent_bytes == pytest.approx(
-      6000 + 3500 + 1500 + 3500 + 500)
+      6096 + 3500 + 1500 + 3500 + 500)
 
 
 def test_collective_bytes_of_a_real_program_without_collectives():

@@ -97,7 +97,7 @@ def gram_matrix(per_group: Any, *,
     raise ValueError(
         f'grain_optax.gram_matrix: param_axis_name={param_axis_name!r} is not '
         'a bound axis; call it inside jax.shard_map over that axis.') from None
-  if not sharding.vma_tracked():
+  if not sharding.vma_tracked(leaves):
     raise ValueError(
         'grain_optax.gram_matrix: param_axis_name needs jax.shard_map with '
         'check_vma=True (the default) to tell the leaves sharded over the '

@@ -120,13 +120,18 @@ def _mesh_sizes(mesh) -> dict:
   return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
-def vma_tracked() -> bool:
-  """Whether shard_map tracks which values vary over manual axes."""
+def vma_tracked(leaves: Sequence[Any] = ()) -> bool:
+  """Whether shard_map tracks which values vary over manual axes.
+
+  Reads JAX's ``check_vma`` setting of the current trace; where a JAX
+  version does not expose it, infers it from ``leaves`` (shard_map with
+  ``check_vma=True`` types its inputs as varying).
+  """
   try:
     from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
     return bool(jax_config._check_vma.value)  # pylint: disable=protected-access
   except Exception:  # pylint: disable=broad-except
-    return False
+    return any(varying_axes(leaf) for leaf in leaves)
 
 
 def varying_axes(x) -> Optional[frozenset]:
@@ -150,7 +155,7 @@ def _axis_size(axes) -> int:
 
 def _all_gather_invariant(x, axes):
   """Tiled all-gather on axis 0 whose result is typed as replicated."""
-  if not vma_tracked():  # pmap, vmap, check_vma=False: no typing to satisfy.
+  if not vma_tracked([x]):  # pmap, vmap, check_vma=False: nothing to type.
     return jax.lax.all_gather(x, axes, axis=0, tiled=True)
   for to in ('invarying', 'invariant'):
     try:
@@ -400,7 +405,7 @@ def _unflatten_bucket(flat, leaves, idx, out):
 def _run_manual(plan, leaves, solve):
   axes, param_axes, size = plan.axes, plan.param_axes, plan.size
   k = leaves[0].shape[0]
-  tracked = vma_tracked()
+  tracked = vma_tracked(leaves)
   varying = [varying_axes(leaf) if tracked else None for leaf in leaves]
   for v, leaf in zip(varying, leaves):
     if axes and v is not None and not set(axes) <= v:
@@ -727,7 +732,8 @@ def _group_size(rest: str, num_devices: int) -> int:
   m = re.search(r'replica_groups=\[([0-9,]+)\]<=', rest)
   if m:
     return int(m.group(1).split(',')[-1])
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest)
+  # mesh['a'=2,'b'=4] {'b'}, possibly with ", device_ids=(...)" between.
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", rest)
   if m:
     sizes = {k.strip().strip("'\""): int(v)
              for k, v in re.findall(r"([^,=\s]+)\s*=\s*(\d+)", m.group(1))}
