@@ -11,6 +11,8 @@ from grain_optax._src.combine import combine
 from grain_optax._src.gram import gram_matrix
 from grain_optax._src.grouping import group_value_and_grad
 from grain_optax._src.grouping import split_into_groups
+from grain_optax._src.lean import grain_value_and_grad
+from grain_optax._src.lean import GrainGrad
 from grain_optax._src.solvers import kkt_residual
 from grain_optax._src.solvers import min_norm_weights
 from grain_optax._src.solvers import MinNormSolution
@@ -34,7 +36,9 @@ __all__ = (
     'combine',
     'grain',
     'grain_statistics',
+    'GrainGrad',
     'GrainState',
+    'grain_value_and_grad',
     'gram_matrix',
     'group_value_and_grad',
     'kkt_residual',

@@ -22,8 +22,9 @@ import jaxopt
 import optax
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-SOLVERS = ('exact', 'projected_gradient')
-_DEFAULT_TOLERANCE = {'exact': 1e-7, 'projected_gradient': 1e-6}
+SOLVERS = ('exact', 'active_set', 'projected_gradient')
+_DEFAULT_TOLERANCE = {'exact': 1e-7, 'active_set': 1e-7,
+                      'projected_gradient': 1e-6}
 
 
 class MinNormSolution(NamedTuple):
@@ -131,20 +132,97 @@ def _uniform(valid):
   return jnp.where(valid, 1.0 / jnp.maximum(n, 1), 0.0).astype(jnp.float32)
 
 
-def _exact_active_set(k, valid, tolerance, max_iterations, regularization):
+# How ``_full_support`` solves its [m, m] system: 'cholesky' (XLA / cuSOLVER),
+# 'lu' (jnp.linalg.solve) or 'pallas' (one Gauss-Jordan kernel; GPU only,
+# experimental). Read at trace time.
+_LINEAR_SOLVE = 'cholesky'
+
+
+def _gauss_jordan_kernel(a_ref, b_ref, y_ref):
+  """Solves a y = b for a symmetric positive definite a, in one kernel."""
+  a = a_ref[...]
+  b = b_ref[...]
+  n = a.shape[0]
+  rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  idx = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+  def body(i, carry):
+    a, b = carry
+    row = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)
+    col = jnp.sum(jnp.where(cols == i, a, 0.0), axis=1)
+    inv = 1.0 / jnp.sum(jnp.where(idx == i, row, 0.0))
+    row = row * inv
+    bi = jnp.sum(jnp.where(idx == i, b, 0.0)) * inv
+    f = jnp.where(idx == i, 0.0, col)
+    a = jnp.where(rows == i, row[None, :], a - f[:, None] * row[None, :])
+    b = jnp.where(idx == i, bi, b - f * bi)
+    return a, b
+
+  _, y = jax.lax.fori_loop(0, n, body, (a, b))
+  y_ref[...] = y
+
+
+def _pallas_solve(a, b, interpret=False):
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  m = a.shape[0]
+  n = max(16, 1 << (m - 1).bit_length())
+  a_pad = jnp.eye(n, dtype=jnp.float32).at[:m, :m].set(a)
+  b_pad = jnp.zeros([n], jnp.float32).at[:m].set(b)
+  y = pl.pallas_call(
+      _gauss_jordan_kernel,
+      out_shape=jax.ShapeDtypeStruct((n,), jnp.float32),
+      interpret=interpret)(a_pad, b_pad)
+  return y[:m]
+
+
+def _solve_spd(a, b):
+  if _LINEAR_SOLVE == 'cholesky':
+    factor = jnp.linalg.cholesky(a)
+    return jax.scipy.linalg.cho_solve((factor, True), b)
+  if _LINEAR_SOLVE == 'lu':
+    return jnp.linalg.solve(a, b)
+  if _LINEAR_SOLVE in ('pallas', 'pallas_interpret'):
+    return _pallas_solve(a, b, interpret=_LINEAR_SOLVE == 'pallas_interpret')
+  raise ValueError(_LINEAR_SOLVE)
+
+
+def _full_support(k, valid, regularization):
+  """Affine minimiser with every included group in the support.
+
+  Solves :math:`(K + \\epsilon I)\\,y = \\mathbb{1}` over the included groups
+  (an identity row and a zero right-hand side for the excluded ones) and
+  returns ``(w, ok)`` with :math:`w = y / \\mathbf{1}^\\top y`. When every
+  included weight is positive, ``w`` is the minimiser: it satisfies
+  :math:`(K w)_i = w^\\top K w` for all included groups (up to the ridge), so
+  KKT holds with equality. Straight-line code: one ``[m, m]`` Cholesky
+  factorisation, two triangular solves and a few fused element-wise ops, no
+  loop and no host synchronisation.
+  """
+  a = k + jnp.diag(jnp.where(valid, regularization, 1.0).astype(jnp.float32))
+  y = _solve_spd(a, valid.astype(jnp.float32))
+  total = jnp.sum(y)
+  w = y / jnp.where(total > 0, total, 1.0)
+  ok = (jnp.isfinite(total) & (total > 0)
+        & jnp.all(jnp.where(valid, w > 0, True)))
+  return jnp.where(valid, w, 0.0), ok
+
+
+def _exact_active_set(k, valid, tolerance, max_iterations, regularization,
+                      *, start_at_vertex=False):
   """Primal active-set method (Wolfe's min-norm-point algorithm) on the simplex.
 
-  Fast path: the first iteration solves for the affine minimiser with every
-  included group in the support. When the minimiser has full support (the
-  common case for P >> m) that single ``[m, m]`` linear solve is the answer and
-  the loop ends. Otherwise the method restarts as Wolfe's algorithm from the
-  vertex of smallest norm: a major cycle adds the group that violates KKT most;
-  a minor cycle moves towards the affine minimiser of the support until a
-  weight hits zero and drops it. Supports stay affinely independent, so every
-  solve is well posed. A tiny ridge ``regularization * I`` keeps near-dependent
-  supports solvable and picks the smallest-``||w||`` minimiser when it is not
-  unique (identical groups get equal weights); it moves the KKT residual by at
-  most ``regularization / 4``.
+  Without ``start_at_vertex``, the first iteration solves for the affine
+  minimiser with every included group in the support; when it has full
+  support that single ``[m, m]`` linear solve is the answer and the loop ends.
+  Otherwise (or from the start with ``start_at_vertex``) the method runs
+  Wolfe's algorithm from the vertex of smallest norm: a major cycle adds the
+  group that violates KKT most; a minor cycle moves towards the affine
+  minimiser of the support until a weight hits zero and drops it. Supports
+  stay affinely independent, so every solve is well posed. A tiny ridge
+  ``regularization * I`` keeps near-dependent supports solvable and picks the
+  smallest-``||w||`` minimiser when it is not unique (identical groups get
+  equal weights); it moves the KKT residual by at most ``regularization / 4``.
   """
   m = k.shape[0]
   eye = jnp.eye(m, dtype=jnp.float32)
@@ -193,18 +271,37 @@ def _exact_active_set(k, valid, tolerance, max_iterations, regularization):
     new_support = jnp.where(positive, support_major, support_minor)
     done = (positive & ~add) | ~ok
     new_w = jnp.where(ok, new_w, w)
-    # After a failed full-support attempt, restart from the best vertex.
-    restart = (it == 0) & ~(positive & ok)
-    new_w = jnp.where(restart, vertex, new_w)
-    new_support = jnp.where(restart, vertex > 0, new_support)
-    done = done & ~restart
+    if not start_at_vertex:
+      # After a failed full-support attempt, restart from the best vertex.
+      restart = (it == 0) & ~(positive & ok)
+      new_w = jnp.where(restart, vertex, new_w)
+      new_support = jnp.where(restart, vertex > 0, new_support)
+      done = done & ~restart
     return new_w, new_support, it + 1, done
 
-  init = (_uniform(valid), valid, jnp.zeros([], jnp.int32),
-          jnp.zeros([], bool))
+  if start_at_vertex:
+    init = (vertex, vertex > 0, jnp.zeros([], jnp.int32), jnp.zeros([], bool))
+  else:
+    init = (_uniform(valid), valid, jnp.zeros([], jnp.int32),
+            jnp.zeros([], bool))
   w, _, iterations, _ = jax.lax.while_loop(cond, body, init)
   w = jnp.where(valid, jnp.maximum(w, 0.0), 0.0)
   return w / jnp.sum(w), iterations
+
+
+def _exact(k, valid, tolerance, max_iterations, regularization):
+  """Closed-form full-support solve; the active set only if it fails."""
+  w_full, ok = _full_support(k, valid, regularization)
+
+  def fallback(_):
+    w, it = _exact_active_set(k, valid, tolerance, max_iterations,
+                              regularization, start_at_vertex=True)
+    return w, it + 1
+
+  def accept(_):
+    return w_full, jnp.ones([], jnp.int32)
+
+  return jax.lax.cond(ok, accept, fallback, None)
 
 
 def _projected_gradient(k, valid, tolerance, max_iterations, stepsize):
@@ -302,11 +399,15 @@ def min_norm_weights(
   m = k.shape[0]
   if tolerance is None:
     tolerance = _DEFAULT_TOLERANCE[solver]
-  if solver == 'exact':
+  if solver in ('exact', 'active_set'):
     if max_iterations is None:
       max_iterations = 8 * m + 16
-    w, iterations = _exact_active_set(k, valid, tolerance, max_iterations,
-                                      regularization)
+    if solver == 'exact':
+      w, iterations = _exact(k, valid, tolerance, max_iterations,
+                             regularization)
+    else:
+      w, iterations = _exact_active_set(k, valid, tolerance, max_iterations,
+                                        regularization)
   else:
     if max_iterations is None:
       max_iterations = 1000

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs the benchmarks in their full configuration on a GPU machine, in one go.
+#
+#   OUT=/some/dir STAGES="qp step memory peer" bash benchmarks/run_gpu.sh
+#
+# Installs the wheels in .whl/ (jaxopt, torchjd) if present, prints versions,
+# and writes JSON lines and logs under $OUT: qp.jsonl, step.jsonl,
+# memory.jsonl, peer.jsonl, log.txt, hlo.tar.gz. Each stage has a time limit
+# (seconds, STAGE_LIMITS) so that a slow one cannot eat the others' time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/grain_bench}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR=/tmp/grain_jax_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+PY=${PY:-python3}
+STAGES=${STAGES:-"qp step memory peer"}
+QP_ARGS=${QP_ARGS:-"--config full"}
+STEP_ARGS=${STEP_ARGS:-"--config full --groups 4 8 2 16 --pieces 4 8 --profile 4 8"}
+MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
+PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
+declare -A LIMIT=([qp]=120 [step]=300 [memory]=120 [peer]=150)
+for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
+    --format=csv 2>/dev/null
+  $PY - <<'PYEOF'
+import importlib
+for name in ('jax', 'jaxlib', 'optax', 'flax', 'chex', 'jaxopt', 'torch',
+             'torchjd', 'numpy'):
+  try:
+    mod = importlib.import_module(name)
+    print(name, getattr(mod, '__version__', '?'))
+  except Exception as e:  # pylint: disable=broad-except
+    print(name, 'missing', type(e).__name__)
+import jax
+print('devices', jax.devices())
+PYEOF
+} 2>&1 | tee "$OUT/env.txt"
+for stage in $STAGES; do
+  echo "=== $stage (limit ${LIMIT[$stage]} s) $(date -u +%T)" | tee -a "$OUT/log.txt"
+  case $stage in
+    qp) cmd="$PY benchmarks/qp_solvers.py $QP_ARGS --json $OUT/qp.jsonl" ;;
+    step) cmd="$PY benchmarks/step_overhead.py $STEP_ARGS --json $OUT/step.jsonl --dump_hlo /tmp/grain_hlo" ;;
+    memory) cmd="$PY benchmarks/memory.py $MEM_ARGS --json $OUT/memory.jsonl" ;;
+    peer) cmd="$PY benchmarks/peer_torchjd.py $PEER_ARGS --json $OUT/peer.jsonl" ;;
+    *) echo "unknown stage $stage"; continue ;;
+  esac
+  echo "\$ $cmd" | tee -a "$OUT/log.txt"
+  timeout "${LIMIT[$stage]}" $cmd 2>&1 | grep -v '^{' | tee -a "$OUT/log.txt"
+  echo "=== $stage rc=${PIPESTATUS[0]} $(date -u +%T)" | tee -a "$OUT/log.txt"
+done
+if [ -d /tmp/grain_hlo ]; then tar czf "$OUT/hlo.tar.gz" -C /tmp grain_hlo; fi

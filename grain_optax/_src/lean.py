@@ -1,0 +1,230 @@
+r"""Lean GRAIN: the combined gradient without holding m group gradients.
+
+The default path (:func:`group_value_and_grad` then :func:`grain`) keeps all
+:math:`m` group gradients in memory at once, :math:`m` times the memory of an
+ordinary gradient. :func:`grain_value_and_grad` needs only the memory of an
+ordinary training step (plus :math:`m` copies of the largest parameter leaf,
+briefly), at the price of a second backward pass:
+
+1. per-group gradients by ``vmap``, each leaf reduced into its
+   :math:`m \times m` contribution to the Gram matrix :math:`K` as soon as it
+   is produced, so the compiler can free it;
+2. the min-norm weights :math:`w` from :math:`K` (:func:`min_norm_weights`);
+3. one ordinary backward pass of the weighted loss
+   :math:`\sum_i w_i L_i` (weights held constant), whose gradient is exactly
+   :math:`\sum_i w_i \nabla L_i = \sum_i w_i g_i`.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from grain_optax._src import gram as gram_lib
+from grain_optax._src import grouping
+from grain_optax._src import solvers
+
+
+class GrainGrad(NamedTuple):
+  """Result of the function made by :func:`grain_value_and_grad`.
+
+  Attributes:
+    losses: ``[m]`` the per-group losses :math:`L_i` (dtype of the loss).
+    grads: the combined gradient :math:`d = \\sum_i w_i g_i`, shaped like the
+      differentiated argument(s) (a tuple of trees if ``argnums`` is a
+      tuple), in their dtypes; all zeros if every group is non-finite.
+    weights: ``[m]`` float32 min-norm convex weights (zero for excluded
+      groups).
+    gram: ``[m, m]`` float32 Gram matrix :math:`K_{ij} = \\langle g_i, g_j
+      \\rangle` of the group gradients.
+    kkt_residual: ``[]`` float32 relative KKT residual of the weights (see
+      :func:`kkt_residual`).
+    num_iterations: ``[]`` int32 iterations of the QP solver.
+    num_nonfinite: ``[]`` int32 groups excluded because their gradient held
+      NaN or infinity.
+    aux: the auxiliary output of ``loss_fn`` with a leading group axis when
+      ``has_aux=True`` (from the first pass), else None.
+  """
+  losses: jax.Array
+  grads: Any
+  weights: jax.Array
+  gram: jax.Array
+  kkt_residual: jax.Array
+  num_iterations: jax.Array
+  num_nonfinite: jax.Array
+  aux: Any
+
+
+def grain_value_and_grad(
+    loss_fn: Callable[..., Any],
+    num_groups: int,
+    *,
+    has_aux: bool = False,
+    argnums: Union[int, Sequence[int]] = 0,
+    batch_argnums: int = 1,
+    chunk_size: Optional[int] = None,
+    solver: str = 'exact',
+    tolerance: Optional[float] = None,
+    max_iterations: Optional[int] = None,
+    regularization: float = 1e-7,
+) -> Callable[..., GrainGrad]:
+  r"""The GRAIN gradient of a loss in the memory of an ordinary step.
+
+  Splits the batch argument into ``num_groups`` groups as
+  :func:`group_value_and_grad` does and returns
+
+  .. math::
+    d = \sum_{i=1}^m w_i\, \nabla L_i, \qquad
+    w = \operatorname*{argmin}_{w \in \Delta_m} w^\top K w, \quad
+    K_{ij} = \langle \nabla L_i, \nabla L_j \rangle,
+
+  the same update as ``grain()`` applied to the per-group gradients, without
+  ever holding all :math:`m` of them. A first pass computes the group
+  gradients by ``vmap`` and reduces each parameter leaf into the Gram matrix
+  (:func:`gram_matrix`); a second pass is one ordinary backward pass of
+  :math:`\sum_i w_i L_i` with :math:`w` held constant, which equals
+  :math:`\sum_i w_i \nabla L_i`. Peak memory stays near that of an ordinary
+  training step, and the step costs one more forward and backward pass.
+
+  Use it in place of ``jax.value_and_grad`` and give ``grads`` to any optax
+  optimizer (no :func:`grain` in the chain). ``loss_fn`` must be a pure
+  function of its arguments (both passes must see the same losses); for
+  randomness, pass the key as an argument.
+
+  Non-finite groups: a group whose gradient holds NaN or infinity is excluded
+  (weight 0). Then the second pass is replaced (``jax.lax.cond``) by a
+  sequential sum over the finite groups' gradients, one group at a time,
+  so that no NaN reaches ``grads``; if every group is non-finite ``grads`` is
+  all zeros.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch, *rest) -> loss`` (or ``(loss, aux)``
+      with ``has_aux=True``); a scalar loss, typically the mean over the
+      examples of ``batch``.
+    num_groups: the number of groups ``m >= 1``; must divide the batch size.
+    has_aux: as in ``jax.value_and_grad``.
+    argnums: the argument(s) to differentiate.
+    batch_argnums: the index of the argument to split into groups.
+    chunk_size: if given, the first pass runs ``chunk_size`` groups at a time
+      (``jax.lax.map``), lowering its activation memory.
+    solver: QP solver, see :func:`min_norm_weights`.
+    tolerance: solver tolerance, see :func:`min_norm_weights`.
+    max_iterations: solver iteration cap, see :func:`min_norm_weights`.
+    regularization: ridge of the exact solvers, see :func:`min_norm_weights`.
+
+  Returns:
+    A function with the signature of ``loss_fn`` returning a
+    :class:`GrainGrad` ``(losses, grads, weights, gram, kkt_residual,
+    num_iterations, num_nonfinite, aux)``.
+
+  Raises:
+    ValueError: for ``num_groups < 1``, an unknown solver, a batch argument
+      that is also differentiated, or (when called) a batch size that
+      ``num_groups`` does not divide.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import grain_optax
+    >>> def loss_fn(w, batch):
+    ...   return jnp.mean((batch['x'] @ w - batch['y']) ** 2)
+    >>> batch = {'x': jnp.eye(4), 'y': jnp.array([1., 1., 2., 2.])}
+    >>> out = jax.jit(grain_optax.grain_value_and_grad(loss_fn, 2))(
+    ...     jnp.zeros(4), batch)
+    >>> [round(float(w), 3) for w in out.weights]
+    [0.8, 0.2]
+    >>> [round(float(g), 3) for g in out.grads]
+    [-0.8, -0.8, -0.4, -0.4]
+    >>> tx = optax.sgd(0.1)
+    >>> updates, _ = tx.update(out.grads, tx.init(jnp.zeros(4)))
+  """
+  grouping._check_num_groups(num_groups)  # pylint: disable=protected-access
+  if solver not in solvers.SOLVERS:
+    raise ValueError(
+        f'grain_optax.grain_value_and_grad: unknown solver {solver!r}; choose '
+        f'one of {solvers.SOLVERS}.')
+  per_group_fn = grouping.group_value_and_grad(
+      loss_fn, num_groups, has_aux=has_aux, argnums=argnums,
+      batch_argnums=batch_argnums, chunk_size=chunk_size)
+  multiple = not isinstance(argnums, int)
+  diff_args = tuple(argnums) if multiple else (argnums,)
+
+  def group_losses(args, kwargs, groups):
+    """``[m]`` losses, the differentiated args shared by all groups."""
+    def one(group):
+      group_args = list(args)
+      group_args[batch_argnums] = group
+      out = loss_fn(*group_args, **kwargs)
+      return out[0] if has_aux else out
+    return jax.vmap(one)(groups)
+
+  def weighted_grad(args, kwargs, groups, weights):
+    """Gradient of sum_i w_i L_i: one ordinary backward pass."""
+    def weighted(*diff):
+      full = list(args)
+      for i, x in zip(diff_args, diff):
+        full[i] = x
+      losses = group_losses(full, kwargs, groups)
+      return jnp.sum(weights.astype(losses.dtype) * losses)
+    grads = jax.grad(weighted, argnums=tuple(range(len(diff_args))))(
+        *(args[i] for i in diff_args))
+    return grads if multiple else grads[0]
+
+  def sequential_grad(args, kwargs, groups, weights):
+    """Sum over groups of w_i g_i, one group at a time, skipping w_i = 0."""
+    grad_one = jax.grad(
+        lambda diff, group: _call_with(loss_fn, args, kwargs, diff_args,
+                                       diff, batch_argnums, group, has_aux),
+        argnums=0)
+    zeros = tuple(jax.tree_util.tree_map(jnp.zeros_like, args[i])
+                  for i in diff_args)
+
+    def body(acc, xs):
+      group, w = xs
+      g = grad_one(tuple(args[i] for i in diff_args), group)
+      acc = jax.tree_util.tree_map(
+          lambda a, x: a + jnp.where(w > 0, w * x.astype(jnp.float32), 0.0
+                                     ).astype(a.dtype), acc, g)
+      return acc, None
+
+    acc = jax.tree_util.tree_map(lambda z: z.astype(jnp.float32), zeros)
+    acc, _ = jax.lax.scan(body, acc, (groups, weights))
+    acc = jax.tree_util.tree_map(lambda a, z: a.astype(z.dtype), acc, zeros)
+    return acc if multiple else acc[0]
+
+  def wrapped(*args, **kwargs):
+    if batch_argnums >= len(args):
+      raise ValueError(
+          f'grain_optax.grain_value_and_grad: batch_argnums={batch_argnums}, '
+          f'but only {len(args)} positional arguments were given.')
+    (out, per_group) = per_group_fn(*args, **kwargs)
+    losses, aux = (out if has_aux else (out, None))
+    gram = gram_lib.gram_matrix(per_group)
+    sol = solvers.min_norm_weights(
+        gram, solver=solver, tolerance=tolerance,
+        max_iterations=max_iterations, regularization=regularization)
+    weights = jax.lax.stop_gradient(sol.weights)
+    valid = jnp.isfinite(jnp.diagonal(gram))
+    groups = grouping.split_into_groups(args[batch_argnums], num_groups)
+    all_finite = jnp.all(valid)
+    grads = jax.lax.cond(
+        all_finite,
+        lambda ops: weighted_grad(args, kwargs, *ops),
+        lambda ops: sequential_grad(args, kwargs, *ops),
+        (groups, weights))
+    return GrainGrad(
+        losses=losses, grads=grads, weights=sol.weights, gram=gram,
+        kkt_residual=sol.kkt_residual, num_iterations=sol.num_iterations,
+        num_nonfinite=(num_groups - jnp.sum(valid)).astype(jnp.int32),
+        aux=aux)
+
+  return wrapped
+
+
+def _call_with(loss_fn, args, kwargs, diff_args, diff, batch_argnums, group,
+               has_aux):
+  full = list(args)
+  for i, x in zip(diff_args, diff):
+    full[i] = x
+  full[batch_argnums] = group
+  out = loss_fn(*full, **kwargs)
+  return out[0] if has_aux else out
