@@ -376,6 +376,27 @@ def case_fsdp():
   assert all(x.tobytes() == gm[0].tobytes() for x in gm)
   out['gram_rel_err'] = float(np.abs(gm[0] - k_ref).max() / np.abs(k_ref).max())
   assert out['gram_rel_err'] < 1e-5
+
+  # 5. grain(param_axis_name=...) alone: groups on every device, blocks over
+  #    'model'; the combined update stays in blocks.
+  txp = grain_optax.grain(num_groups=m, param_axis_name='model')
+  blocks = {'w': P(None, None, 'model'), 'b': P(None, 'model'), 'c': P()}
+
+  def block_local(g):
+    d, state = txp.update(g, txp.init(None))
+    return d, state.weights[None]
+
+  compiled = jax.jit(jax.shard_map(
+      block_local, mesh=mesh2, in_specs=(blocks,),
+      out_specs=({'w': P(None, 'model'), 'b': P('model'), 'c': P()},
+                 P('model')))).lower(g).compile()
+  d, per_device = compiled(g)
+  per_device = np.asarray(per_device)
+  assert all(r.tobytes() == per_device[0].tobytes() for r in per_device)
+  assert max_err(d, d_ref) < 1e-5, max_err(d, d_ref)
+  cost = grain_optax.collective_bytes(compiled)
+  assert cost['total'].count == cost['all-reduce'].count, cost
+  out['param_axis_bytes'] = cost['total'].sent_bytes
   return out
 
 

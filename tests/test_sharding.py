@@ -85,6 +85,8 @@ def test_sharded_parameters_on_8_devices():
   assert r['shard_map_fsdp_ratio'] <= BYTES_TOLERANCE, r
   assert r['explicit_dp_tp_ratio'] <= BYTES_TOLERANCE, r
   assert r['gram_rel_err'] < 1e-5, r
+  # Parameter blocks in shard_map: one [m, m] all-reduce, nothing gathered.
+  assert r['param_axis_bytes'] <= 2 * 8 * 8 * 4, r
 
 
 def test_data_parallel_example_runs():

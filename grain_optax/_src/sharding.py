@@ -432,6 +432,12 @@ def _run_manual(plan, leaves, solve):
       sharded.append(bool(over))
   else:
     sharded = [False] * len(leaves)
+  if not axes:
+    # Groups not spread, only parameter blocks: no data movement at all.
+    from grain_optax._src import gram as gram_lib  # pylint: disable=g-import-not-at-top
+    gram = gram_lib.gram_matrix(leaves, param_axis_name=param_axes)
+    sol = solve(gram)
+    return combine_lib.combine(leaves, sol.weights), sol, gram
 
   buckets = _buckets(leaves, lambda i: (jnp.dtype(leaves[i].dtype), sharded[i]))
   blocks, grams_rep, grams_shard = [], [], []
