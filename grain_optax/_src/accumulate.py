@@ -243,16 +243,7 @@ def accumulate(
         mini_step=jnp.zeros([], jnp.int32),
         buffer=jax.tree_util.tree_map(slots, params),
         inner_state=inner.init(params),
-        stats=transform.GrainState(
-            count=jnp.zeros([], jnp.int32),
-            weights=jnp.full([num_slots], 1.0 / num_slots, jnp.float32),
-            kkt_residual=jnp.zeros([], jnp.float32),
-            norm_ratio=jnp.zeros([], jnp.float32),
-            min_cosine=jnp.zeros([], jnp.float32),
-            mean_min_cosine=jnp.zeros([], jnp.float32),
-            num_nonfinite=jnp.zeros([], jnp.int32),
-            solver_iterations=jnp.zeros([], jnp.int32),
-        ),
+        stats=transform.initial_state(num_slots),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -286,20 +277,7 @@ def accumulate(
       new_inner = jax.tree_util.tree_map(
           lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
           new_inner, state.inner_state)
-      normalized, valid, _ = solvers.normalize_gram(gram, in_window)
-      # pylint: disable-next=protected-access
-      ratio, min_cos, mean_min_cos = transform._statistics(
-          normalized, sol.weights, valid)
-      stats = transform.GrainState(
-          count=optax.safe_increment(state.stats.count),
-          weights=sol.weights,
-          kkt_residual=sol.kkt_residual,
-          norm_ratio=ratio.astype(jnp.float32),
-          min_cosine=min_cos.astype(jnp.float32),
-          mean_min_cosine=mean_min_cos.astype(jnp.float32),
-          num_nonfinite=(jnp.sum(in_window) - jnp.sum(valid)).astype(jnp.int32),
-          solver_iterations=jnp.asarray(sol.num_iterations, jnp.int32),
-      )
+      stats = transform.solution_state(state.stats, gram, sol, mask=in_window)
       return new_updates, new_inner, stats
 
     def hold():

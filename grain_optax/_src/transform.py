@@ -73,6 +73,48 @@ def _statistics(k, weights, valid):
   return ratio, min_cos, mean_min_cos
 
 
+def initial_state(num_weights: int) -> GrainState:
+  """The :class:`GrainState` before any update: uniform weights, zeros."""
+  return GrainState(
+      count=jnp.zeros([], jnp.int32),
+      weights=jnp.full([num_weights], 1.0 / max(num_weights, 1), jnp.float32),
+      kkt_residual=jnp.zeros([], jnp.float32),
+      norm_ratio=jnp.zeros([], jnp.float32),
+      min_cosine=jnp.zeros([], jnp.float32),
+      mean_min_cosine=jnp.zeros([], jnp.float32),
+      num_nonfinite=jnp.zeros([], jnp.int32),
+      solver_iterations=jnp.zeros([], jnp.int32),
+  )
+
+
+def solution_state(previous: GrainState, gram, solution, *, mask=None,
+                   record_weights: bool = True) -> GrainState:
+  """The :class:`GrainState` describing one solve on ``gram``.
+
+  Args:
+    previous: the state before this update (its count is incremented; its
+      weights are kept when ``record_weights`` is False).
+    gram: the ``[m, m]`` Gram matrix that was solved.
+    solution: the :class:`MinNormSolution` of that solve.
+    mask: the ``[m]`` groups that took part (None: all); excluded groups are
+      not counted as non-finite.
+    record_weights: store ``solution.weights`` in the state.
+  """
+  k, valid, _ = solvers.normalize_gram(gram, mask)
+  ratio, min_cos, mean_min_cos = _statistics(k, solution.weights, valid)
+  considered = gram.shape[0] if mask is None else jnp.sum(mask)
+  return GrainState(
+      count=optax.safe_increment(previous.count),
+      weights=solution.weights if record_weights else previous.weights,
+      kkt_residual=jnp.asarray(solution.kkt_residual, jnp.float32),
+      norm_ratio=ratio.astype(jnp.float32),
+      min_cosine=min_cos.astype(jnp.float32),
+      mean_min_cosine=mean_min_cos.astype(jnp.float32),
+      num_nonfinite=(considered - jnp.sum(valid)).astype(jnp.int32),
+      solver_iterations=jnp.asarray(solution.num_iterations, jnp.int32),
+  )
+
+
 def grain(
     *,
     num_groups: Optional[int] = None,
@@ -166,17 +208,7 @@ def grain(
 
   def init_fn(params):
     del params
-    m = 0 if num_groups is None else num_groups
-    return GrainState(
-        count=jnp.zeros([], jnp.int32),
-        weights=jnp.full([m], 1.0 / max(m, 1), jnp.float32),
-        kkt_residual=jnp.zeros([], jnp.float32),
-        norm_ratio=jnp.zeros([], jnp.float32),
-        min_cosine=jnp.zeros([], jnp.float32),
-        mean_min_cosine=jnp.zeros([], jnp.float32),
-        num_nonfinite=jnp.zeros([], jnp.int32),
-        solver_iterations=jnp.zeros([], jnp.int32),
-    )
+    return initial_state(0 if num_groups is None else num_groups)
 
   sharding_lib.axes_tuple(axis_name, 'axis_name')
   sharding_lib.axes_tuple(param_axis_name, 'param_axis_name')
@@ -213,18 +245,8 @@ def grain(
       new_updates = combine_lib.combine(updates, sol.weights)
     else:
       new_updates, sol, gram = sharding_lib.run(plan, updates, solve)
-    k, valid, _ = solvers.normalize_gram(gram)
-    ratio, min_cos, mean_min_cos = _statistics(k, sol.weights, valid)
-    new_state = GrainState(
-        count=optax.safe_increment(state.count),
-        weights=sol.weights if num_groups is not None else state.weights,
-        kkt_residual=sol.kkt_residual,
-        norm_ratio=ratio.astype(jnp.float32),
-        min_cosine=min_cos.astype(jnp.float32),
-        mean_min_cosine=mean_min_cos.astype(jnp.float32),
-        num_nonfinite=(m - jnp.sum(valid)).astype(jnp.int32),
-        solver_iterations=jnp.asarray(sol.num_iterations, jnp.int32),
-    )
+    new_state = solution_state(state, gram, sol,
+                               record_weights=num_groups is not None)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
