@@ -2,7 +2,6 @@
 
 from typing import Any, NamedTuple, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
