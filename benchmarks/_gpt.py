@@ -133,12 +133,27 @@ def adamw():
   return optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)
 
 
+def flat_leaf_gram(leaf):
+  """Experimental Gram of one leaf: reshaped to ``[m, P]``, one contraction."""
+  flat = leaf.reshape(leaf.shape[0], -1)
+  return jax.lax.dot_general(
+      flat, flat, (((1,), (1,)), ((), ())),
+      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
 def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact'):
   """``(step, tx)``: a jitted ``step(params, opt_state, batch)`` and its tx.
 
   ``step`` returns ``(params, opt_state, loss)`` with params and optimizer
-  state donated. ``kind`` is ``'mean'``, ``'grain'`` or ``'lean'``.
+  state donated. ``kind`` is ``'mean'``, ``'grain'`` or ``'lean'``; a suffix
+  ``'+flat'`` (experimental) makes the step's Gram matrix contract each leaf
+  reshaped to ``[m, P]`` (see :func:`flat_leaf_gram`; applied while the step
+  is compiled by :func:`compile_step`).
   """
+  if kind.endswith('+flat'):
+    step, tx = make_step(kind[:-len('+flat')], loss_fn, m, solver=solver)
+    step.flat_gram = True
+    return step, tx
   if kind == 'mean':
     tx = adamw()
 
@@ -165,12 +180,34 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact'):
               jnp.mean(out.losses))
   else:
     raise ValueError(f'unknown step kind {kind!r}')
-  return jax.jit(step, donate_argnums=(0, 1)), tx
+  return _Jitted(jax.jit(step, donate_argnums=(0, 1))), tx
+
+
+class _Jitted:
+  """A jitted step that can carry attributes (``flat_gram``)."""
+
+  def __init__(self, fn):
+    self.fn = fn
+    self.flat_gram = False
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+  def lower(self, *args):
+    return self.fn.lower(*args)
 
 
 def compile_step(step, params, opt_state, batch):
   """Lowers and compiles ``step``; returns the compiled program."""
-  return step.lower(params, opt_state, batch).compile()
+  if not getattr(step, 'flat_gram', False):
+    return step.lower(params, opt_state, batch).compile()
+  from grain_optax._src import gram as gram_lib  # pylint: disable=g-import-not-at-top
+  saved = gram_lib._leaf_gram  # pylint: disable=protected-access
+  gram_lib._leaf_gram = flat_leaf_gram  # pylint: disable=protected-access
+  try:
+    return step.lower(params, opt_state, batch).compile()
+  finally:
+    gram_lib._leaf_gram = saved  # pylint: disable=protected-access
 
 
 def memory_of(compiled) -> Dict[str, int]:
@@ -202,6 +239,9 @@ def bytes_accessed(compiled) -> float:
 def time_steps(step, params, opt_state, batch, *, inner: int, reps: int,
                warmup: int = 2):
   """Median and spread of the time per step, in ms.
+
+  ``step`` is a compiled step (or a jitted one) taking and donating
+  ``(params, opt_state, batch)``.
 
   Each repetition dispatches ``inner`` steps back to back (as a training
   loop does) and blocks once at the end; the result is the median over

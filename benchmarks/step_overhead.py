@@ -44,7 +44,7 @@ def _parse(argv=None):
   p.add_argument('--config', choices=sorted(_gpt.CONFIGS), default='tiny')
   p.add_argument('--groups', type=int, nargs='+', default=[2, 4, 8, 16])
   p.add_argument('--modes', nargs='+', default=['grain', 'lean'],
-                 choices=['grain', 'lean'])
+                 choices=['grain', 'lean', 'grain+flat', 'lean+flat'])
   p.add_argument('--solver', default='exact')
   p.add_argument('--inner', type=int, default=None)
   p.add_argument('--reps', type=int, default=None)
@@ -170,7 +170,7 @@ def main(argv=None):
       os.makedirs(args.dump_hlo, exist_ok=True)
       with open(os.path.join(args.dump_hlo, f'{kind}_m{m}.hlo.txt'), 'w') as f:
         f.write(compiled.as_text())
-    ms, lo, hi, p, s = _gpt.time_steps(step, p, s, batch, inner=inner,
+    ms, lo, hi, p, s = _gpt.time_steps(compiled, p, s, batch, inner=inner,
                                        reps=reps)
     if kind == 'mean':
       base = ms
@@ -185,7 +185,7 @@ def main(argv=None):
       holder = [p, s]
 
       def run():
-        holder[0], holder[1], loss = step(holder[0], holder[1], batch)
+        holder[0], holder[1], loss = compiled(holder[0], holder[1], batch)
         return loss
       rec['profile'] = _gpt.profile_device(run, steps=3)
       p, s = holder

@@ -92,10 +92,10 @@ def grain_value_and_grad(
   randomness, pass the key as an argument.
 
   Non-finite groups: a group whose gradient holds NaN or infinity is excluded
-  (weight 0). Then the second pass is replaced (``jax.lax.cond``) by a
-  sequential sum over the finite groups' gradients, one group at a time,
-  so that no NaN reaches ``grads``; if every group is non-finite ``grads`` is
-  all zeros.
+  (weight 0); in the second pass its examples are replaced by those of the
+  group of largest weight (still with weight 0), so that no NaN reaches
+  ``grads`` and no branch is needed. If every group is non-finite ``grads``
+  is all zeros.
 
   Args:
     loss_fn: ``loss_fn(params, batch, *rest) -> loss`` (or ``(loss, aux)``
@@ -169,28 +169,6 @@ def grain_value_and_grad(
         *(args[i] for i in diff_args))
     return grads if multiple else grads[0]
 
-  def sequential_grad(args, kwargs, groups, weights):
-    """Sum over groups of w_i g_i, one group at a time, skipping w_i = 0."""
-    grad_one = jax.grad(
-        lambda diff, group: _call_with(loss_fn, args, kwargs, diff_args,
-                                       diff, batch_argnums, group, has_aux),
-        argnums=0)
-    zeros = tuple(jax.tree_util.tree_map(jnp.zeros_like, args[i])
-                  for i in diff_args)
-
-    def body(acc, xs):
-      group, w = xs
-      g = grad_one(tuple(args[i] for i in diff_args), group)
-      acc = jax.tree_util.tree_map(
-          lambda a, x: a + jnp.where(w > 0, w * x.astype(jnp.float32), 0.0
-                                     ).astype(a.dtype), acc, g)
-      return acc, None
-
-    acc = jax.tree_util.tree_map(lambda z: z.astype(jnp.float32), zeros)
-    acc, _ = jax.lax.scan(body, acc, (groups, weights))
-    acc = jax.tree_util.tree_map(lambda a, z: a.astype(z.dtype), acc, zeros)
-    return acc if multiple else acc[0]
-
   def wrapped(*args, **kwargs):
     if batch_argnums >= len(args):
       raise ValueError(
@@ -205,12 +183,17 @@ def grain_value_and_grad(
     weights = jax.lax.stop_gradient(sol.weights)
     valid = jnp.isfinite(jnp.diagonal(gram))
     groups = grouping.split_into_groups(args[batch_argnums], num_groups)
-    all_finite = jnp.all(valid)
-    grads = jax.lax.cond(
-        all_finite,
-        lambda ops: weighted_grad(args, kwargs, *ops),
-        lambda ops: sequential_grad(args, kwargs, *ops),
-        (groups, weights))
+    # A non-finite group (weight 0) would still put 0 * NaN into the second
+    # pass; give it the examples of the heaviest group instead (still with
+    # weight 0). Branch-free: no lax.cond, so no host round trip on a GPU.
+    source = jnp.argmax(weights)
+    groups = jax.tree_util.tree_map(
+        lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x,
+                            x[source]), groups)
+    grads = weighted_grad(args, kwargs, groups, weights)
+    any_valid = jnp.any(valid)
+    grads = jax.tree_util.tree_map(
+        lambda g: jnp.where(any_valid, g, jnp.zeros_like(g)), grads)
     return GrainGrad(
         losses=losses, grads=grads, weights=sol.weights, gram=gram,
         kkt_residual=sol.kkt_residual, num_iterations=sol.num_iterations,
@@ -219,12 +202,3 @@ def grain_value_and_grad(
 
   return wrapped
 
-
-def _call_with(loss_fn, args, kwargs, diff_args, diff, batch_argnums, group,
-               has_aux):
-  full = list(args)
-  for i, x in zip(diff_args, diff):
-    full[i] = x
-  full[batch_argnums] = group
-  out = loss_fn(*full, **kwargs)
-  return out[0] if has_aux else out

@@ -14,6 +14,7 @@ hull of the group gradients. Optimality (KKT) needs only :math:`K`:
 group.
 """
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -22,9 +23,8 @@ import jaxopt
 import optax
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-SOLVERS = ('exact', 'active_set', 'projected_gradient')
-_DEFAULT_TOLERANCE = {'exact': 1e-7, 'active_set': 1e-7,
-                      'projected_gradient': 1e-6}
+SOLVERS = ('exact', 'projected_gradient')
+_DEFAULT_TOLERANCE = {'exact': 1e-7, 'projected_gradient': 1e-6}
 
 
 class MinNormSolution(NamedTuple):
@@ -132,16 +132,17 @@ def _uniform(valid):
   return jnp.where(valid, 1.0 / jnp.maximum(n, 1), 0.0).astype(jnp.float32)
 
 
-# How ``_full_support`` solves its [m, m] system: 'cholesky' (XLA / cuSOLVER),
-# 'lu' (jnp.linalg.solve) or 'pallas' (one Gauss-Jordan kernel; GPU only,
-# experimental). Read at trace time.
-_LINEAR_SOLVE = 'cholesky'
+# The exact solver's core is written with element-wise ops, reductions and
+# selects only (no gathers, scatters or dynamic indexing), so that the same
+# code runs under XLA (CPU, TPU, or GPU without Pallas) and, on a GPU, inside a
+# single Pallas kernel. On the GPU that matters more than the arithmetic: each
+# trip of an XLA while loop, and each lax.cond, copies a predicate to the host
+# and waits for it, which stalls the training step's launch pipeline
+# (measured on an H100: a GRAIN step spent 9.6 ms of 33 ms idle that way).
 
 
-def _gauss_jordan_kernel(a_ref, b_ref, y_ref):
-  """Solves a y = b for a symmetric positive definite a, in one kernel."""
-  a = a_ref[...]
-  b = b_ref[...]
+def _gauss_jordan(a, b):
+  """Solves ``a y = b`` (``a`` symmetric positive definite) without pivoting."""
   n = a.shape[0]
   rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
@@ -159,149 +160,178 @@ def _gauss_jordan_kernel(a_ref, b_ref, y_ref):
     b = jnp.where(idx == i, bi, b - f * bi)
     return a, b
 
-  _, y = jax.lax.fori_loop(0, n, body, (a, b))
-  y_ref[...] = y
+  return jax.lax.fori_loop(0, n, body, (a, b))[1]
 
 
-def _pallas_solve(a, b, interpret=False):
-  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-  m = a.shape[0]
-  n = max(16, 1 << (m - 1).bit_length())
-  a_pad = jnp.eye(n, dtype=jnp.float32).at[:m, :m].set(a)
-  b_pad = jnp.zeros([n], jnp.float32).at[:m].set(b)
-  y = pl.pallas_call(
-      _gauss_jordan_kernel,
-      out_shape=jax.ShapeDtypeStruct((n,), jnp.float32),
-      interpret=interpret)(a_pad, b_pad)
-  return y[:m]
+def _lu_solve(a, b):
+  return jnp.linalg.solve(a, b)
 
 
-def _solve_spd(a, b):
-  if _LINEAR_SOLVE == 'cholesky':
-    factor = jnp.linalg.cholesky(a)
-    return jax.scipy.linalg.cho_solve((factor, True), b)
-  if _LINEAR_SOLVE == 'lu':
-    return jnp.linalg.solve(a, b)
-  if _LINEAR_SOLVE in ('pallas', 'pallas_interpret'):
-    return _pallas_solve(a, b, interpret=_LINEAR_SOLVE == 'pallas_interpret')
-  raise ValueError(_LINEAR_SOLVE)
+def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
+  """Closed-form full-support solve, then Wolfe's algorithm if it fails.
 
+  Args:
+    k: ``[n, n]`` normalised Gram (zero rows and columns for excluded groups).
+    valid: ``[n]`` float32, 1 for included groups, 0 otherwise.
+    tolerance: KKT tolerance for adding a group (relative).
+    regularization: ridge added to the diagonal.
+    max_iterations: cap on Wolfe iterations (a Python int).
+    solve: ``solve(a, b)`` for a symmetric positive definite ``a``.
 
-def _full_support(k, valid, regularization):
-  """Affine minimiser with every included group in the support.
+  Returns:
+    ``(w, iterations)``: ``[n]`` float32 weights (not yet symmetrised or
+    renormalised) and the int32 number of linear solves.
 
-  Solves :math:`(K + \\epsilon I)\\,y = \\mathbb{1}` over the included groups
-  (an identity row and a zero right-hand side for the excluded ones) and
-  returns ``(w, ok)`` with :math:`w = y / \\mathbf{1}^\\top y`. When every
-  included weight is positive, ``w`` is the minimiser: it satisfies
-  :math:`(K w)_i = w^\\top K w` for all included groups (up to the ridge), so
-  KKT holds with equality. Straight-line code: one ``[m, m]`` Cholesky
-  factorisation, two triangular solves and a few fused element-wise ops, no
-  loop and no host synchronisation.
+  Stage 1 solves :math:`(K + \\epsilon I) y = 1` over every included group;
+  if all :math:`y_i > 0` then :math:`w = y / 1^\\top y` satisfies
+  :math:`(Kw)_i = w^\\top K w` for every group: the KKT point, in one solve.
+  Otherwise stage 2 runs Wolfe's min-norm-point algorithm from the vertex of
+  smallest norm: a major cycle adds the group that violates KKT most; a minor
+  cycle moves towards the affine minimiser of the support until a weight hits
+  zero and drops it. Supports stay affinely independent, so every solve is well
+  posed. Stage 2 is a while loop that takes zero trips when stage 1 succeeded.
   """
-  a = k + jnp.diag(jnp.where(valid, regularization, 1.0).astype(jnp.float32))
-  y = _solve_spd(a, valid.astype(jnp.float32))
-  total = jnp.sum(y)
-  w = y / jnp.where(total > 0, total, 1.0)
-  ok = (jnp.isfinite(total) & (total > 0)
-        & jnp.all(jnp.where(valid, w > 0, True)))
-  return jnp.where(valid, w, 0.0), ok
+  n = k.shape[0]
+  idx = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+  eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+         == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
+  a = jnp.where(eye, k + regularization, k)
+  diag = jnp.sum(jnp.where(eye, k, 0.0), axis=1)
 
-
-def _exact_active_set(k, valid, tolerance, max_iterations, regularization,
-                      *, start_at_vertex=False):
-  """Primal active-set method (Wolfe's min-norm-point algorithm) on the simplex.
-
-  Without ``start_at_vertex``, the first iteration solves for the affine
-  minimiser with every included group in the support; when it has full
-  support that single ``[m, m]`` linear solve is the answer and the loop ends.
-  Otherwise (or from the start with ``start_at_vertex``) the method runs
-  Wolfe's algorithm from the vertex of smallest norm: a major cycle adds the
-  group that violates KKT most; a minor cycle moves towards the affine
-  minimiser of the support until a weight hits zero and drops it. Supports
-  stay affinely independent, so every solve is well posed. A tiny ridge
-  ``regularization * I`` keeps near-dependent supports solvable and picks the
-  smallest-``||w||`` minimiser when it is not unique (identical groups get
-  equal weights); it moves the KKT residual by at most ``regularization / 4``.
-  """
-  m = k.shape[0]
-  eye = jnp.eye(m, dtype=jnp.float32)
-  a = k + regularization * eye
+  def matvec(x):
+    return jnp.sum(a * x[None, :], axis=1)
 
   def affine_minimizer(support):
-    sf = support.astype(jnp.float32)
-    system = a * (sf[:, None] * sf[None, :]) + eye * (1.0 - sf)
-    y = jnp.linalg.solve(system, sf)
+    system = jnp.where(eye, jnp.where(support > 0, a, 1.0),
+                       a * support[:, None] * support[None, :])
+    y = solve(system, support)
     total = jnp.sum(y)
-    ok = jnp.isfinite(total) & (total > 0)
+    ok = (total > 0) & (total < jnp.inf)
     return y / jnp.where(ok, total, 1.0), ok
 
-  diag = jnp.where(valid, jnp.diagonal(k), jnp.inf)
-  vertex = jax.nn.one_hot(jnp.argmin(diag), m, dtype=jnp.float32)
+  alpha, ok = affine_minimizer(valid)
+  kw = matvec(alpha)
+  residual = jnp.max(jnp.where(valid > 0, jnp.sum(alpha * kw) - kw, -jnp.inf))
+  accept = (ok & (jnp.min(jnp.where(valid > 0, alpha, 1.0)) > 0)
+            & (residual <= _CLOSED_FORM_ACCEPT))
+
+  masked_diag = jnp.where(valid > 0, diag, jnp.inf)
+  best = jnp.min(masked_diag)
+  first = jnp.min(jnp.where(masked_diag == best, idx, n))
+  vertex = (idx == first).astype(jnp.float32)
 
   def cond(state):
     _, _, it, done = state
-    return (~done) & (it < max_iterations)
+    return (done == 0) & (it < max_iterations)
 
   def body(state):
     w, support, it, _ = state
     alpha, ok = affine_minimizer(support)
-    positive = jnp.all(jnp.where(support, alpha > 0, True)) & ok
-    # Major cycle: alpha is strictly inside the simplex face; add the most
-    # violating group, or stop at a KKT point.
-    grad = _dot(a, alpha)
-    obj = _dot(alpha, grad)
-    candidates = jnp.where(valid & ~support, grad, jnp.inf)
-    j = jnp.argmin(candidates)
-    add = candidates[j] < obj - tolerance
-    support_major = support.at[j].set(support[j] | add)
+    positive = ok & (jnp.min(jnp.where(support > 0, alpha, 1.0)) > 0)
+    # Major cycle: alpha lies inside the face; add the most violating group.
+    grad = matvec(alpha)
+    obj = jnp.sum(alpha * grad)
+    candidates = jnp.where((valid > 0) & (support == 0), grad, jnp.inf)
+    lowest = jnp.min(candidates)
+    j = jnp.min(jnp.where(candidates == lowest, idx, n))
+    add = lowest < obj - tolerance
+    support_major = jnp.where((idx == j) & add, 1.0, support)
     # Minor cycle: move from w towards alpha until a weight reaches zero.
-    negative = support & (alpha <= 0)
+    negative = (support > 0) & (alpha <= 0)
     denom = w - alpha
-    ratios = jnp.where(negative & (denom > 0), w / jnp.where(denom > 0, denom, 1.0),
+    ratios = jnp.where(negative & (denom > 0),
+                       w / jnp.where(denom > 0, denom, 1.0),
                        jnp.where(negative, 0.0, jnp.inf))
     theta = jnp.clip(jnp.min(ratios), 0.0, 1.0)
     w_minor = w + theta * (alpha - w)
-    drop = (negative & (ratios <= theta)) | (support & (w_minor <= 0))
+    drop = (negative & (ratios <= theta)) | ((support > 0) & (w_minor <= 0))
     w_minor = jnp.where(drop, 0.0, w_minor)
     w_minor = w_minor / jnp.sum(w_minor)
-    support_minor = support & ~drop
+    support_minor = jnp.where(drop, 0.0, support)
 
-    new_w = jnp.where(positive, alpha, w_minor)
+    new_w = jnp.where(ok, jnp.where(positive, alpha, w_minor), w)
     new_support = jnp.where(positive, support_major, support_minor)
-    done = (positive & ~add) | ~ok
-    new_w = jnp.where(ok, new_w, w)
-    if not start_at_vertex:
-      # After a failed full-support attempt, restart from the best vertex.
-      restart = (it == 0) & ~(positive & ok)
-      new_w = jnp.where(restart, vertex, new_w)
-      new_support = jnp.where(restart, vertex > 0, new_support)
-      done = done & ~restart
+    done = ((positive & ~add) | ~ok).astype(jnp.int32)
     return new_w, new_support, it + 1, done
 
-  if start_at_vertex:
-    init = (vertex, vertex > 0, jnp.zeros([], jnp.int32), jnp.zeros([], bool))
-  else:
-    init = (_uniform(valid), valid, jnp.zeros([], jnp.int32),
-            jnp.zeros([], bool))
+  init = (jnp.where(accept, alpha, vertex), jnp.where(accept, valid, vertex),
+          jnp.ones([], jnp.int32), accept.astype(jnp.int32))
   w, _, iterations, _ = jax.lax.while_loop(cond, body, init)
-  w = jnp.where(valid, jnp.maximum(w, 0.0), 0.0)
-  return w / jnp.sum(w), iterations
+  return w, iterations
+
+
+# Stage 1 of the exact solver is accepted only if its KKT residual is below
+# this (a guard against a garbage solve of a near-singular system).
+_CLOSED_FORM_ACCEPT = 1e-4
+
+
+def _exact_kernel(k_ref, v_ref, p_ref, w_ref, it_ref, *, max_iterations):
+  """Pallas kernel: the whole exact solver on one padded [n, n] Gram."""
+  params = p_ref[...]
+  idx = jax.lax.broadcasted_iota(jnp.int32, params.shape, 0)
+  tolerance = jnp.sum(jnp.where(idx == 0, params, 0.0))
+  regularization = jnp.sum(jnp.where(idx == 1, params, 0.0))
+  w, iterations = _exact_core(k_ref[...], v_ref[...], tolerance,
+                              regularization, max_iterations, _gauss_jordan)
+  w_ref[...] = w
+  it_ref[...] = jnp.full(it_ref.shape, iterations, jnp.int32)
+
+
+def _exact_pallas(k, valid_f, tolerance, regularization, max_iterations,
+                  interpret=False):
+  """Runs :func:`_exact_core` in one Pallas kernel (one launch, no host sync)."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  m = k.shape[0]
+  n = max(16, 1 << (m - 1).bit_length())
+  k_pad = jnp.zeros((n, n), jnp.float32).at[:m, :m].set(k)
+  v_pad = jnp.zeros((n,), jnp.float32).at[:m].set(valid_f)
+  params = jnp.zeros((16,), jnp.float32).at[0].set(tolerance).at[1].set(
+      regularization)
+  kernel = functools.partial(_exact_kernel, max_iterations=max_iterations)
+  w, it = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((n,), jnp.float32),
+                 jax.ShapeDtypeStruct((16,), jnp.int32)),
+      interpret=interpret)(k_pad, v_pad, params)
+  return w[:m], it[0]
+
+
+# Where the exact solver runs: 'auto' (a Pallas kernel on CUDA GPUs, XLA
+# elsewhere), 'xla' or 'pallas_interpret' (for tests). Read at trace time.
+_EXACT_BACKEND = 'auto'
 
 
 def _exact(k, valid, tolerance, max_iterations, regularization):
-  """Closed-form full-support solve; the active set only if it fails."""
-  w_full, ok = _full_support(k, valid, regularization)
+  """The exact solver: weights on the simplex and the number of solves."""
+  valid_f = valid.astype(jnp.float32)
+  tolerance = jnp.asarray(tolerance, jnp.float32)
+  regularization = jnp.asarray(regularization, jnp.float32)
 
-  def fallback(_):
-    w, it = _exact_active_set(k, valid, tolerance, max_iterations,
-                              regularization, start_at_vertex=True)
-    return w, it + 1
+  def on_xla(k, valid_f, tolerance, regularization):
+    return _exact_core(k, valid_f, tolerance, regularization, max_iterations,
+                       _lu_solve)
 
-  def accept(_):
-    return w_full, jnp.ones([], jnp.int32)
+  def on_pallas(k, valid_f, tolerance, regularization):
+    return _exact_pallas(k, valid_f, tolerance, regularization,
+                         max_iterations)
 
-  return jax.lax.cond(ok, accept, fallback, None)
+  args = (k, valid_f, tolerance, regularization)
+  if _EXACT_BACKEND == 'xla':
+    w, iterations = on_xla(*args)
+  elif _EXACT_BACKEND == 'pallas_interpret':
+    w, iterations = _exact_pallas(*args, max_iterations, interpret=True)
+  else:
+    w, iterations = jax.lax.platform_dependent(
+        *args, cuda=on_pallas, default=on_xla)
+  # Identical groups (equal rows of K, bit for bit) get equal weights: the
+  # average over each class of duplicates changes neither d nor K w.
+  same = ((k == jnp.diagonal(k)[:, None]) & (k == jnp.diagonal(k)[None, :])
+          & valid[:, None] & valid[None, :])
+  w = jnp.where(valid, jnp.maximum(w, 0.0), 0.0)
+  w = _dot(same.astype(jnp.float32), w) / jnp.maximum(
+      jnp.sum(same, axis=1), 1).astype(jnp.float32)
+  w = jnp.where(valid, w, 0.0)
+  return w / jnp.sum(w), iterations
 
 
 def _projected_gradient(k, valid, tolerance, max_iterations, stepsize):
@@ -399,15 +429,11 @@ def min_norm_weights(
   m = k.shape[0]
   if tolerance is None:
     tolerance = _DEFAULT_TOLERANCE[solver]
-  if solver in ('exact', 'active_set'):
+  if solver == 'exact':
     if max_iterations is None:
       max_iterations = 8 * m + 16
-    if solver == 'exact':
-      w, iterations = _exact(k, valid, tolerance, max_iterations,
-                             regularization)
-    else:
-      w, iterations = _exact_active_set(k, valid, tolerance, max_iterations,
-                                        regularization)
+    w, iterations = _exact(k, valid, tolerance, max_iterations,
+                           regularization)
   else:
     if max_iterations is None:
       max_iterations = 1000
