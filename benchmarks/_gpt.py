@@ -133,26 +133,19 @@ def adamw():
   return optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)
 
 
-def flat_leaf_gram(leaf):
-  """Experimental Gram of one leaf: reshaped to ``[m, P]``, one contraction."""
-  flat = leaf.reshape(leaf.shape[0], -1)
-  return jax.lax.dot_general(
-      flat, flat, (((1,), (1,)), ((), ())),
-      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
 def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact'):
   """``(step, tx)``: a jitted ``step(params, opt_state, batch)`` and its tx.
 
   ``step`` returns ``(params, opt_state, loss)`` with params and optimizer
   state donated. ``kind`` is ``'mean'``, ``'grain'`` or ``'lean'``; a suffix
-  ``'+flat'`` (experimental) makes the step's Gram matrix contract each leaf
-  reshaped to ``[m, P]`` (see :func:`flat_leaf_gram`; applied while the step
-  is compiled by :func:`compile_step`).
+  ``'+<variant>'`` (experimental, see ``_gram_variants.py``) compiles the
+  step with another Gram-matrix implementation (applied by
+  :func:`compile_step`).
   """
-  if kind.endswith('+flat'):
-    step, tx = make_step(kind[:-len('+flat')], loss_fn, m, solver=solver)
-    step.flat_gram = True
+  if '+' in kind:
+    base, variant = kind.split('+')
+    step, tx = make_step(base, loss_fn, m, solver=solver)
+    step.gram_variant = variant
     return step, tx
   if kind == 'mean':
     tx = adamw()
@@ -184,11 +177,11 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact'):
 
 
 class _Jitted:
-  """A jitted step that can carry attributes (``flat_gram``)."""
+  """A jitted step that can carry attributes (``gram_variant``)."""
 
   def __init__(self, fn):
     self.fn = fn
-    self.flat_gram = False
+    self.gram_variant = None
 
   def __call__(self, *args):
     return self.fn(*args)
@@ -199,15 +192,18 @@ class _Jitted:
 
 def compile_step(step, params, opt_state, batch):
   """Lowers and compiles ``step``; returns the compiled program."""
-  if not getattr(step, 'flat_gram', False):
+  variant = getattr(step, 'gram_variant', None)
+  if not variant:
     return step.lower(params, opt_state, batch).compile()
+  import _gram_variants  # pylint: disable=g-import-not-at-top
   from grain_optax._src import gram as gram_lib  # pylint: disable=g-import-not-at-top
-  saved = gram_lib._leaf_gram  # pylint: disable=protected-access
-  gram_lib._leaf_gram = flat_leaf_gram  # pylint: disable=protected-access
+  saved = gram_lib.gram_matrix
+  gram_lib.gram_matrix = _gram_variants.make_gram(
+      variant, interpret=jax.default_backend() != 'gpu')
   try:
     return step.lower(params, opt_state, batch).compile()
   finally:
-    gram_lib._leaf_gram = saved  # pylint: disable=protected-access
+    gram_lib.gram_matrix = saved
 
 
 def memory_of(compiled) -> Dict[str, int]:
@@ -334,7 +330,7 @@ def profile_device(run, *, steps: int = 3):
   Returns a dict with, per step: ``busy_ms`` (union of kernel intervals on
   the device), ``span_ms`` (first kernel start to last kernel end),
   ``kernels`` (count), time per category (gemm, attention, reduce,
-  elementwise, solver, memcpy, other) and the 25 most expensive kernels.
+  elementwise, solver, memcpy, other) and the 80 most expensive kernels.
   Empty on a platform without device planes (CPU).
   """
   import glob  # pylint: disable=g-import-not-at-top
@@ -377,7 +373,7 @@ def profile_device(run, *, steps: int = 3):
     cat = _categorize(name)
     per_cat[cat] = per_cat.get(cat, 0.0) + (e - s)
     per_name[name] = per_name.get(name, 0.0) + (e - s)
-  top = sorted(per_name.items(), key=lambda kv: -kv[1])[:25]
+  top = sorted(per_name.items(), key=lambda kv: -kv[1])[:80]
   scale = 1e-6 / steps
   return {
       'busy_ms': busy * scale,

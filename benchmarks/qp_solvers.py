@@ -98,7 +98,7 @@ def kkt64(k, w):
   return float(max(np.max(w @ kw - kw), 0.0))
 
 
-def device_ms(fn, k):
+def device_ms(fn, k, calls=10):
   """Median device span (ms) of one call, from the profiler; nan on CPU."""
   spans = []
   import glob  # pylint: disable=g-import-not-at-top
@@ -106,7 +106,7 @@ def device_ms(fn, k):
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
   d = tempfile.mkdtemp(prefix='grain_qp_')
   with jax.profiler.trace(d):
-    for _ in range(10):
+    for _ in range(calls):
       jax.block_until_ready(fn(k))
       time.sleep(0.002)  # separate the calls on the device timeline
   files = glob.glob(os.path.join(d, '**', '*.xplane.pb'), recursive=True)
@@ -182,7 +182,8 @@ def main(argv=None):
             'benchmark': 'qp_solvers', 'config': args.config,
             'solver': solver, 'family': family, 'm': m,
             'ms': statistics.median(times), 'calls': len(times),
-            'device_ms': device_ms(fn, grams[0]) if on_gpu else float('nan'),
+            'device_ms': (device_ms(fn, grams[0], 10 if per_call < 0.005 else 1)
+                          if on_gpu else float('nan')),
             'iterations': float(np.median([int(s.num_iterations) for s in sols])),
             'max_iterations': int(max(int(s.num_iterations) for s in sols)),
             'kkt': max(kkt64(k, s.weights) for k, s in zip(grams, sols)),

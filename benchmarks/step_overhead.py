@@ -44,7 +44,11 @@ def _parse(argv=None):
   p.add_argument('--config', choices=sorted(_gpt.CONFIGS), default='tiny')
   p.add_argument('--groups', type=int, nargs='+', default=[2, 4, 8, 16])
   p.add_argument('--modes', nargs='+', default=['grain', 'lean'],
-                 choices=['grain', 'lean', 'grain+flat', 'lean+flat'])
+                 help="'grain', 'lean', or experimental 'grain+<variant>' / "
+                 "'lean+<variant>' with a Gram variant of _gram_variants.py")
+  p.add_argument('--gram_accuracy', type=int, nargs='*', default=[],
+                 help='m values at which to compare the Gram variants with '
+                 'the library Gram on real per-group gradients')
   p.add_argument('--solver', default='exact')
   p.add_argument('--inner', type=int, default=None)
   p.add_argument('--reps', type=int, default=None)
@@ -224,6 +228,19 @@ def main(argv=None):
             'gram_grouped', 'gram_matrix_bf16_input', 'min_norm_weights', 'combine', 'adamw_update',
             'grain_adamw_update']
     _gpt.print_table(piece_rows, cols, title='Pieces of a step (ms each)')
+
+  for m in args.gram_accuracy:
+    import _gram_variants  # pylint: disable=g-import-not-at-top
+    _, per_group = jax.jit(grain_optax.group_value_and_grad(loss_fn, m))(
+        params, batch)
+    acc = _gram_variants.gram_accuracy(
+        per_group, interpret=info['platform'] != 'gpu')
+    rec = {'benchmark': 'gram_accuracy', 'config': args.config, 'm': m,
+           'variants': acc, 'device': info['device'], 'jax': info['jax']}
+    print(_emit(rec, args.json), flush=True)
+    for name, v in acc.items():
+      print(f"gram accuracy m={m} {name}: gram_err {v['gram_err']:.2e}, "
+            f"KKT of its weights on the exact Gram {v['kkt_on_reference']:.2e}")
 
   summary = {'benchmark': 'step_overhead_summary', 'config': args.config,
              'device': info['device'], 'jax': info['jax'],

@@ -1,0 +1,132 @@
+"""Experimental Gram-matrix implementations, to measure what the Gram costs.
+
+Not used by the library. ``step_overhead.py --modes grain+<variant>``
+compiles a GRAIN step with ``grain_optax.gram_matrix`` replaced by one of:
+
+* ``flat``: every leaf reshaped to ``[m, P]``, one ``HIGHEST`` contraction
+  (XLA chooses the kernels, as for the library's in-place contraction);
+* ``pallas``: a Pallas GPU kernel per large leaf (grid over column blocks,
+  float32 products and sums, partial Grams summed by XLA); the small leaves
+  (biases, LayerNorm) concatenated into one matrix first;
+* ``pallasbf16``: the same kernel fed ``leaf.astype(bfloat16)`` for the
+  large leaves. Where a per-group gradient was produced in bfloat16 (the
+  weight gradients of bf16 matmuls) XLA folds the round trip and the kernel
+  reads the bf16 buffer directly; where it was float32 this rounds the
+  gradient to bf16 (about 3 significant digits): a floor for speed, not an
+  exact Gram;
+* ``bf16``: XLA's dot on the same bf16 casts, float32 accumulation.
+
+``gram_accuracy`` reports each variant's error against the library's Gram on
+real per-group gradients.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+VARIANTS = ('flat', 'pallas', 'pallasbf16', 'bf16')
+
+
+def _chunk(m):
+  c = 4096 // (m * m)
+  return int(min(512, max(16, 1 << max(c.bit_length() - 1, 0))))
+
+
+def _gram_kernel(x_ref, o_ref, *, span, m, chunk):
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+
+  def body(c, acc):
+    x = x_ref[:, pl.ds(pl.multiple_of(c * chunk, chunk), chunk)].astype(
+        jnp.float32)
+    return acc + jnp.sum(x[:, None, :] * x[None, :, :], axis=2)
+
+  acc = jax.lax.fori_loop(0, span // chunk, body,
+                          jnp.zeros((m, m), jnp.float32))
+  o_ref[...] = acc[None]
+
+
+def pallas_gram2d(x, interpret=False):
+  """``x x^T`` in float32 for ``x`` of shape ``[m, P]`` (any float dtype)."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  m, p = x.shape
+  chunk = _chunk(m)
+  if p % chunk:
+    x = jnp.pad(x, ((0, 0), (0, chunk - p % chunk)))
+    p = x.shape[1]
+  span = chunk
+  while span < 16384 and p % (2 * span) == 0 and p // (2 * span) >= 264:
+    span *= 2
+  grid = p // span
+  out = pl.pallas_call(
+      functools.partial(_gram_kernel, span=span, m=m, chunk=chunk),
+      out_shape=jax.ShapeDtypeStruct((grid, m, m), jnp.float32),
+      grid=(grid,),
+      in_specs=[pl.BlockSpec((m, span), lambda i: (0, i))],
+      out_specs=pl.BlockSpec((1, m, m), lambda i: (i, 0, 0)),
+      interpret=interpret)(x)
+  return jnp.sum(out, axis=0)
+
+
+def _xla_gram2d(x):
+  return jax.lax.dot_general(
+      x, x, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32)
+
+
+def make_gram(variant, interpret=False, small=1 << 16):
+  """A drop-in ``gram_matrix(per_group, **kwargs)`` for ``variant``."""
+  if variant not in VARIANTS:
+    raise ValueError(variant)
+
+  def gram(per_group, **kwargs):
+    del kwargs
+    leaves = jax.tree_util.tree_leaves(per_group)
+    m = leaves[0].shape[0]
+    flat = [x.reshape(m, -1) for x in leaves]
+    if variant == 'flat':
+      return sum(_xla_gram2d(x) for x in flat)
+    big = [x for x in flat if x.shape[1] >= small]
+    tiny = [x.astype(jnp.float32) for x in flat if x.shape[1] < small]
+    parts = []
+    for x in big:
+      if variant == 'pallas':
+        parts.append(pallas_gram2d(x, interpret))
+      elif variant == 'pallasbf16':
+        parts.append(pallas_gram2d(x.astype(jnp.bfloat16), interpret))
+      else:
+        xb = x.astype(jnp.bfloat16)
+        parts.append(jax.lax.dot_general(
+            xb, xb, (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32))
+    if tiny:
+      x = jnp.concatenate(tiny, axis=1)
+      parts.append(_xla_gram2d(x) if variant == 'bf16'
+                   else pallas_gram2d(x, interpret))
+    return sum(parts[1:], parts[0])
+
+  return gram
+
+
+def gram_accuracy(per_group, interpret=False):
+  """Relative error of each variant's Gram and of its weights' KKT residual.
+
+  Against ``grain_optax.gram_matrix`` (float32, HIGHEST): ``gram_err`` is
+  max |K_v - K| / max diag K; ``kkt`` is the KKT residual of the weights
+  solved from K_v, evaluated on K (the guarantee the user gets).
+  """
+  import grain_optax  # pylint: disable=g-import-not-at-top
+  ref = jax.jit(grain_optax.gram_matrix)(per_group)
+  scale = jnp.max(jnp.diagonal(ref))
+  out = {}
+  for variant in VARIANTS:
+    k = jax.jit(make_gram(variant, interpret))(per_group)
+    w = grain_optax.min_norm_weights(k).weights
+    out[variant] = {
+        'gram_err': float(jnp.max(jnp.abs(k - ref)) / scale),
+        'kkt_on_reference': float(grain_optax.kkt_residual(ref, w))}
+  w = grain_optax.min_norm_weights(ref).weights
+  out['reference'] = {'gram_err': 0.0,
+                      'kkt_on_reference': float(grain_optax.kkt_residual(ref, w))}
+  return out
