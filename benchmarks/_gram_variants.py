@@ -14,7 +14,9 @@ compiles a GRAIN step with ``grain_optax.gram_matrix`` replaced by one of:
   reads the bf16 buffer directly; where it was float32 this rounds the
   gradient to bf16 (about 3 significant digits): a floor for speed, not an
   exact Gram;
-* ``bf16``: XLA's dot on the same bf16 casts, float32 accumulation.
+* ``bf16``: XLA's dot on the same bf16 casts, float32 accumulation;
+* ``x6``: XLA's dot on the float32 leaves with the ``BF16_BF16_F32_X6``
+  algorithm (six bf16 products, about float32 accuracy, tensor cores).
 
 ``gram_accuracy`` reports each variant's error against the library's Gram on
 real per-group gradients.
@@ -26,7 +28,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-VARIANTS = ('flat', 'pallas', 'pallasbf16', 'bf16')
+VARIANTS = ('flat', 'pallas', 'pallasbf16', 'bf16', 'x6')
 
 
 def _chunk(m):
@@ -87,6 +89,11 @@ def make_gram(variant, interpret=False, small=1 << 16):
     flat = [x.reshape(m, -1) for x in leaves]
     if variant == 'flat':
       return sum(_xla_gram2d(x) for x in flat)
+    if variant == 'x6':
+      return sum(jax.lax.dot_general(
+          x, x, (((1,), (1,)), ((), ())),
+          precision=jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+          preferred_element_type=jnp.float32) for x in flat)
     big = [x for x in flat if x.shape[1] >= small]
     tiny = [x.astype(jnp.float32) for x in flat if x.shape[1] < small]
     parts = []
@@ -121,7 +128,11 @@ def gram_accuracy(per_group, interpret=False):
   scale = jnp.max(jnp.diagonal(ref))
   out = {}
   for variant in VARIANTS:
-    k = jax.jit(make_gram(variant, interpret))(per_group)
+    try:
+      k = jax.jit(make_gram(variant, interpret))(per_group)
+    except Exception as e:  # pylint: disable=broad-except
+      out[variant] = {'error': f'{type(e).__name__}: {e}'[:200]}
+      continue
     w = grain_optax.min_norm_weights(k).weights
     out[variant] = {
         'gram_err': float(jnp.max(jnp.abs(k - ref)) / scale),

@@ -239,6 +239,9 @@ def main(argv=None):
            'variants': acc, 'device': info['device'], 'jax': info['jax']}
     print(_emit(rec, args.json), flush=True)
     for name, v in acc.items():
+      if 'error' in v:
+        print(f'gram accuracy m={m} {name}: {v["error"]}')
+        continue
       print(f"gram accuracy m={m} {name}: gram_err {v['gram_err']:.2e}, "
             f"KKT of its weights on the exact Gram {v['kkt_on_reference']:.2e}")
 
