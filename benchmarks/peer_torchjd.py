@@ -113,7 +113,8 @@ def main(argv=None):
     from torchjd.autogram import Engine  # pylint: disable=g-import-not-at-top
     from torchjd.autojac import backward as jd_backward  # pylint: disable=g-import-not-at-top
     from torchjd.autojac import jac_to_grad  # pylint: disable=g-import-not-at-top
-    tjd_version = getattr(torchjd, '__version__', '?')
+    import importlib.metadata  # pylint: disable=g-import-not-at-top
+    tjd_version = importlib.metadata.version('torchjd')
   except ImportError:
     torchjd = None
     tjd_version = None

@@ -32,12 +32,16 @@ for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
     --format=csv 2>/dev/null
   $PY - <<'PYEOF'
-import importlib
+import importlib, importlib.metadata
 for name in ('jax', 'jaxlib', 'optax', 'flax', 'chex', 'jaxopt', 'torch',
              'torchjd', 'numpy'):
   try:
     mod = importlib.import_module(name)
-    print(name, getattr(mod, '__version__', '?'))
+    try:
+      version = importlib.metadata.version(name)
+    except Exception:  # pylint: disable=broad-except
+      version = getattr(mod, '__version__', '?')
+    print(name, version)
   except Exception as e:  # pylint: disable=broad-except
     print(name, 'missing', type(e).__name__)
 import jax
