@@ -141,26 +141,30 @@ def _uniform(valid):
 # (measured on an H100: a GRAIN step spent 9.6 ms of 33 ms idle that way).
 
 
-def _gauss_jordan(a, b):
-  """Solves ``a y = b`` (``a`` symmetric positive definite) without pivoting."""
+def _sweep_solve(a, b):
+  """Solves ``a y = b`` for a symmetric positive definite ``a`` by sweeping.
+
+  The symmetric sweep operator applied to every index turns ``a`` into
+  :math:`-a^{-1}` keeping it symmetric, so each of the ``n`` steps reads one
+  row (one reduction) instead of a row and a column. No pivoting: the pivots
+  of a positive definite matrix are positive.
+  """
   n = a.shape[0]
   rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
   idx = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
 
-  def body(i, carry):
-    a, b = carry
-    row = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)
-    col = jnp.sum(jnp.where(cols == i, a, 0.0), axis=1)
-    inv = 1.0 / jnp.sum(jnp.where(idx == i, row, 0.0))
-    row = row * inv
-    bi = jnp.sum(jnp.where(idx == i, b, 0.0)) * inv
-    f = jnp.where(idx == i, 0.0, col)
-    a = jnp.where(rows == i, row[None, :], a - f[:, None] * row[None, :])
-    b = jnp.where(idx == i, bi, b - f * bi)
-    return a, b
+  def body(k, t):
+    row = jnp.sum(jnp.where(rows == k, t, 0.0), axis=0)
+    inv = 1.0 / jnp.sum(jnp.where(idx == k, row, 0.0))
+    scaled = row * inv
+    t = t - row[:, None] * scaled[None, :]
+    t = jnp.where(rows == k, scaled[None, :], t)
+    t = jnp.where(cols == k, scaled[:, None], t)
+    return jnp.where((rows == k) & (cols == k), -inv, t)
 
-  return jax.lax.fori_loop(0, n, body, (a, b))[1]
+  t = jax.lax.fori_loop(0, n, body, a)
+  return -jnp.sum(t * b[None, :], axis=1)
 
 
 def _lu_solve(a, b):
@@ -185,11 +189,16 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
   Stage 1 solves :math:`(K + \\epsilon I) y = 1` over every included group;
   if all :math:`y_i > 0` then :math:`w = y / 1^\\top y` satisfies
   :math:`(Kw)_i = w^\\top K w` for every group: the KKT point, in one solve.
-  Otherwise stage 2 runs Wolfe's min-norm-point algorithm from the vertex of
-  smallest norm: a major cycle adds the group that violates KKT most; a minor
-  cycle moves towards the affine minimiser of the support until a weight hits
-  zero and drops it. Supports stay affinely independent, so every solve is well
-  posed. Stage 2 is a while loop that takes zero trips when stage 1 succeeded.
+  Otherwise stage 2 runs Wolfe's min-norm-point algorithm: a major cycle adds
+  the group that violates KKT most; a minor cycle moves towards the affine
+  minimiser of the support until a weight hits zero and drops it. It starts
+  from the uniform weights on the full support when stage 1's solve was
+  accurate and few weights vanish (then each vanishing group costs about one
+  cycle), and from the vertex of smallest norm otherwise, or if the interior
+  start has not finished after ``2 * vanishing + 4`` cycles (from a vertex,
+  supports stay affinely independent, so every solve is well posed). Stage 2 is a while loop that
+  takes zero trips when stage 1 succeeded; ``iterations`` counts the linear
+  solves.
   """
   n = k.shape[0]
   idx = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
@@ -212,8 +221,8 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
   alpha, ok = affine_minimizer(valid)
   kw = matvec(alpha)
   residual = jnp.max(jnp.where(valid > 0, jnp.sum(alpha * kw) - kw, -jnp.inf))
-  accept = (ok & (jnp.min(jnp.where(valid > 0, alpha, 1.0)) > 0)
-            & (residual <= _CLOSED_FORM_ACCEPT))
+  usable = ok & (residual <= _CLOSED_FORM_ACCEPT)
+  accept = usable & (jnp.min(jnp.where(valid > 0, alpha, 1.0)) > 0)
 
   masked_diag = jnp.where(valid > 0, diag, jnp.inf)
   best = jnp.min(masked_diag)
@@ -221,12 +230,11 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
   vertex = (idx == first).astype(jnp.float32)
 
   def cond(state):
-    _, _, it, done = state
-    return (done == 0) & (it < max_iterations)
+    return (state[-1] == 0) & (state[-2] < max_iterations)
 
   def body(state):
-    w, support, it, _ = state
-    alpha, ok = affine_minimizer(support)
+    # alpha is the affine minimiser of the support (ok: the solve worked).
+    w, support, alpha, ok, it, _ = state
     positive = ok & (jnp.min(jnp.where(support > 0, alpha, 1.0)) > 0)
     # Major cycle: alpha lies inside the face; add the most violating group.
     grad = matvec(alpha)
@@ -252,11 +260,29 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
     new_w = jnp.where(ok, jnp.where(positive, alpha, w_minor), w)
     new_support = jnp.where(positive, support_major, support_minor)
     done = ((positive & ~add) | ~ok).astype(jnp.int32)
-    return new_w, new_support, it + 1, done
+    # An interior start that has not finished within its budget restarts
+    # from the vertex (a safeguard for near-singular full supports).
+    restart = (it == restart_at) & (done == 0)
+    new_w = jnp.where(restart, vertex, new_w)
+    new_support = jnp.where(restart, vertex, new_support)
+    new_alpha, new_ok = affine_minimizer(new_support)
+    return new_w, new_support, new_alpha, new_ok, it + 1, done
 
-  init = (jnp.where(accept, alpha, vertex), jnp.where(accept, valid, vertex),
-          jnp.ones([], jnp.int32), accept.astype(jnp.int32))
-  w, _, iterations, _ = jax.lax.while_loop(cond, body, init)
+  # Wolfe's algorithm starts from any point of the relative interior of a
+  # face with its affine minimiser: from the uniform weights on the full
+  # support when stage 1's solve is usable (then only the groups whose weight
+  # vanishes need minor cycles), else from the best vertex.
+  count = jnp.sum(valid)
+  vanishing = jnp.sum(jnp.where((valid > 0) & (alpha <= 0), 1.0, 0.0))
+  interior = usable & (vanishing <= jnp.maximum(2.0, count / 8))
+  restart_at = jnp.where(interior, 2 * vanishing + 4, -1).astype(jnp.int32)
+  uniform = valid / jnp.maximum(count, 1.0)
+  w0 = jnp.where(accept, alpha, jnp.where(interior, uniform, vertex))
+  s0 = jnp.where(interior, valid, vertex)
+  alpha0 = jnp.where(interior, alpha, vertex)
+  init = (w0, s0, alpha0, jnp.ones([], bool), jnp.ones([], jnp.int32),
+          accept.astype(jnp.int32))
+  w, _, _, _, iterations, _ = jax.lax.while_loop(cond, body, init)
   return w, iterations
 
 
@@ -272,7 +298,7 @@ def _exact_kernel(k_ref, v_ref, p_ref, w_ref, it_ref, *, max_iterations):
   tolerance = jnp.sum(jnp.where(idx == 0, params, 0.0))
   regularization = jnp.sum(jnp.where(idx == 1, params, 0.0))
   w, iterations = _exact_core(k_ref[...], v_ref[...], tolerance,
-                              regularization, max_iterations, _gauss_jordan)
+                              regularization, max_iterations, _sweep_solve)
   w_ref[...] = w
   it_ref[...] = jnp.full(it_ref.shape, iterations, jnp.int32)
 
