@@ -33,6 +33,12 @@ import optax
 from flax import nnx
 
 import grain_optax
+from grain_optax._src import solvers as _solvers  # pylint: disable=g-bad-import-order
+
+# GRAIN_EXACT_BACKEND=xla runs the exact solver under XLA even on a CUDA GPU
+# (run_gpu.sh sets it if the Pallas kernel fails its check on the machine).
+if os.environ.get('GRAIN_EXACT_BACKEND'):
+  _solvers._EXACT_BACKEND = os.environ['GRAIN_EXACT_BACKEND']  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,6 @@ real per-group gradients.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

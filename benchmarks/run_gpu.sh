@@ -20,12 +20,19 @@ export JAX_COMPILATION_CACHE_DIR=/tmp/grain_jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 PY=${PY:-python3}
-STAGES=${STAGES:-"qp step memory peer"}
+# Stages in order of priority (a short lease may cut the last ones):
+# check (the exact solver's Pallas kernel against XLA on this GPU; falls back
+# to XLA for the rest if it fails), step (targets 1, 3, 4 at m = 4, 8: step
+# time and the compiled program's peak memory for the default and lean
+# modes), qp (target 2), peer (PyTorch / TorchJD), step2 (m = 2, 16),
+# memory (peak memory measured in child processes).
+STAGES=${STAGES:-"check step qp peer step2 memory"}
 QP_ARGS=${QP_ARGS:-"--config full"}
-STEP_ARGS=${STEP_ARGS:-"--config full --groups 4 8 2 16 --pieces 4 8 --profile 4 8"}
+STEP_ARGS=${STEP_ARGS:-"--config full --groups 4 8 --profile 4 8"}
+STEP2_ARGS=${STEP2_ARGS:-"--config full --groups 2 16 --modes grain"}
 MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
 PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
-declare -A LIMIT=([qp]=120 [step]=300 [memory]=120 [peer]=150)
+declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 {
   date -u
@@ -51,6 +58,8 @@ PYEOF
 for stage in $STAGES; do
   echo "=== $stage (limit ${LIMIT[$stage]} s) $(date -u +%T)" | tee -a "$OUT/log.txt"
   case $stage in
+    check) cmd="$PY benchmarks/check_kernel.py" ;;
+    step2) cmd="$PY benchmarks/step_overhead.py $STEP2_ARGS --json $OUT/step.jsonl" ;;
     qp) cmd="$PY benchmarks/qp_solvers.py $QP_ARGS --json $OUT/qp.jsonl" ;;
     step) cmd="$PY benchmarks/step_overhead.py $STEP_ARGS --json $OUT/step.jsonl --dump_hlo /tmp/grain_hlo" ;;
     memory) cmd="$PY benchmarks/memory.py $MEM_ARGS --json $OUT/memory.jsonl" ;;
@@ -59,6 +68,11 @@ for stage in $STAGES; do
   esac
   echo "\$ $cmd" | tee -a "$OUT/log.txt"
   timeout "${LIMIT[$stage]}" $cmd 2>&1 | grep -v '^{' | tee -a "$OUT/log.txt"
-  echo "=== $stage rc=${PIPESTATUS[0]} $(date -u +%T)" | tee -a "$OUT/log.txt"
+  rc=${PIPESTATUS[0]}
+  echo "=== $stage rc=$rc $(date -u +%T)" | tee -a "$OUT/log.txt"
+  if [ "$stage" = check ] && [ "$rc" != 0 ]; then
+    echo "kernel check failed: exact solver under XLA from here on" | tee -a "$OUT/log.txt"
+    export GRAIN_EXACT_BACKEND=xla
+  fi
 done
 if [ -d /tmp/grain_hlo ]; then tar czf "$OUT/hlo.tar.gz" -C /tmp grain_hlo; fi

@@ -188,7 +188,7 @@ def main(argv=None):
     if m in args.profile or (kind == 'mean' and args.profile):
       holder = [p, s]
 
-      def run():
+      def run(compiled=compiled, holder=holder):
         holder[0], holder[1], loss = compiled(holder[0], holder[1], batch)
         return loss
       rec['profile'] = _gpt.profile_device(run, steps=3)

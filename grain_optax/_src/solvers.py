@@ -38,7 +38,8 @@ class MinNormSolution(NamedTuple):
       :math:`\\max_i (w^\\top K w - (K w)_i) / \\max_i K_{ii}` over the included
       groups; 0 at an exact optimum (and for an all-zero Gram).
     num_iterations: ``[]`` int32 iterations the solver ran (linear solves for
-      ``'exact'``, projected-gradient steps for ``'projected_gradient'``).
+      ``'exact'``: 1 when the closed form settles it; projected-gradient
+      steps for ``'projected_gradient'``).
   """
   weights: jax.Array
   kkt_residual: jax.Array
@@ -327,6 +328,13 @@ def _exact_pallas(k, valid_f, tolerance, regularization, max_iterations,
 _EXACT_BACKEND = 'auto'
 
 
+def _gpu_present() -> bool:
+  try:
+    return bool(jax.devices('gpu'))
+  except RuntimeError:
+    return False
+
+
 def _exact(k, valid, tolerance, max_iterations, regularization):
   """The exact solver: weights on the simplex and the number of solves."""
   valid_f = valid.astype(jnp.float32)
@@ -338,17 +346,29 @@ def _exact(k, valid, tolerance, max_iterations, regularization):
                        _lu_solve)
 
   def on_pallas(k, valid_f, tolerance, regularization):
-    return _exact_pallas(k, valid_f, tolerance, regularization,
-                         max_iterations)
+    try:
+      return _exact_pallas(k, valid_f, tolerance, regularization,
+                           max_iterations)
+    except ValueError:
+      # Pallas cannot type its outputs in this context (e.g. inside
+      # ``jax.shard_map`` with ``check_vma=True`` on JAX versions whose
+      # ShapeDtypeStruct needs the manual axes spelled out): same algorithm
+      # under XLA instead.
+      return on_xla(k, valid_f, tolerance, regularization)
 
   args = (k, valid_f, tolerance, regularization)
   if _EXACT_BACKEND == 'xla':
     w, iterations = on_xla(*args)
   elif _EXACT_BACKEND == 'pallas_interpret':
     w, iterations = _exact_pallas(*args, max_iterations, interpret=True)
-  else:
+  elif _gpu_present():
+    # platform_dependent picks the branch for the device the computation
+    # lands on (a jit may target the CPU on a GPU host).
     w, iterations = jax.lax.platform_dependent(
         *args, cuda=on_pallas, default=on_xla)
+  else:
+    # No GPU at all: never trace the Pallas branch.
+    w, iterations = on_xla(*args)
   # Identical groups (equal rows of K, bit for bit) get equal weights: the
   # average over each class of duplicates changes neither d nor K w.
   same = ((k == jnp.diagonal(k)[:, None]) & (k == jnp.diagonal(k)[None, :])
@@ -397,16 +417,20 @@ def min_norm_weights(
   .. math::
     \min_{w \in \Delta_m} w^\top K w
 
-  on :math:`K` divided by its largest diagonal entry, inside ``jit`` with no
-  host round-trip.
+  on :math:`K` divided by its largest diagonal entry, inside ``jit``.
 
   Solvers:
 
-  * ``'exact'`` (default): a primal active-set method (Wolfe's min-norm-point
-    major and minor cycles). It starts with every group in the support, so in
-    the common case where the minimiser has full support a single ``[m, m]``
-    linear solve settles it; otherwise it ends in at most a few ``m`` solves.
-    Reaches the float32 KKT floor (about 1e-7 relative).
+  * ``'exact'`` (default): first the closed form over the full support,
+    :math:`w \propto (K + \epsilon I)^{-1}\mathbb{1}`, which is the answer
+    whenever every weight comes out positive (the common case for group
+    gradients of dimension much larger than m); otherwise Wolfe's
+    min-norm-point active-set algorithm (major and minor cycles), from the
+    full support when few weights vanish, else from the best vertex. Reaches
+    the float32 KKT floor (about 1e-7 relative). On CUDA GPUs the whole
+    algorithm runs as one Pallas kernel: no host round trip inside a training
+    step, about 15-25 microseconds of device time for a full-support solve up
+    to m = 32 on an H100. Elsewhere it runs under XLA with LU solves.
   * ``'projected_gradient'``: jaxopt's ``ProjectedGradient`` (accelerated, with
     backtracking line search unless ``stepsize > 0``) using optax's Euclidean
     projection onto the simplex. Approximate: stops at ``tolerance`` on the
@@ -415,8 +439,9 @@ def min_norm_weights(
   Degenerate inputs: an all-zero Gram gives uniform weights (any convex weights
   are optimal and the combination is zero); groups whose diagonal is NaN or
   infinite are excluded (weight 0); if all groups are excluded the weights are
-  all zero. Non-unique minimisers (e.g. identical groups) get the one of
-  smallest :math:`\|w\|` up to the solver's tolerance.
+  all zero. Identical groups (equal rows of the Gram matrix) get equal
+  weights (``'exact'``); other non-unique minimisers get one of small
+  :math:`\|w\|` (the ridge ``regularization`` picks it).
 
   Args:
     gram: ``[m, m]`` Gram matrix, e.g. from :func:`gram_matrix`.

@@ -1,0 +1,58 @@
+"""Every benchmark runs in its tiny CPU configuration and reports sane rows."""
+
+import importlib
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     'benchmarks')
+sys.path.insert(0, BENCH)
+
+
+def _module(name):
+  return importlib.import_module(name)
+
+
+def test_step_overhead_tiny(tmp_path):
+  out = tmp_path / 'step.jsonl'
+  rows = _module('step_overhead').main(
+      ['--config', 'tiny', '--groups', '2', '--modes', 'grain', 'lean',
+       '--inner', '1', '--reps', '1', '--json', str(out)])
+  assert [(r['mode'], r['m']) for r in rows] == [
+      ('mean', 1), ('grain', 2), ('lean', 2)]
+  for r in rows:
+    assert r['ms'] > 0 and r['peak_bytes'] > 0
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert lines[-1]['benchmark'] == 'step_overhead_summary'
+
+
+def test_qp_solvers_tiny(tmp_path):
+  rows = _module('qp_solvers').main(
+      ['--config', 'tiny', '--sizes', '2', '4', '--grams', '1',
+       '--budget_s', '0.01', '--json', str(tmp_path / 'qp.jsonl')])
+  import grain_optax  # pylint: disable=g-import-not-at-top
+  assert {r['solver'] for r in rows} == set(grain_optax.SOLVERS)
+  for r in rows:
+    assert r['iterations'] >= 1
+    if r['solver'] == 'exact':
+      assert r['kkt'] <= 1e-6
+
+
+def test_memory_tiny(tmp_path):
+  rows = _module('memory').main(
+      ['--config', 'tiny', '--groups', '2', '--json',
+       str(tmp_path / 'mem.jsonl')])
+  assert [r['mode'] for r in rows] == ['mean', 'grain', 'lean']
+  assert rows[0]['xla_ratio'] == 1.0
+  assert all(r['xla_peak_bytes'] > 0 for r in rows)
+
+
+def test_peer_torchjd_tiny(tmp_path):
+  pytest.importorskip('torch')
+  rows = _module('peer_torchjd').main(
+      ['--config', 'tiny', '--groups', '2', '--inner', '1', '--reps', '1',
+       '--json', str(tmp_path / 'peer.jsonl')])
+  assert rows[0]['step'] == 'torch mean' and rows[0]['ms'] > 0
