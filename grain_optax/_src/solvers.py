@@ -192,12 +192,13 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
   :math:`(Kw)_i = w^\\top K w` for every group: the KKT point, in one solve.
   Otherwise stage 2 runs Wolfe's min-norm-point algorithm: a major cycle adds
   the group that violates KKT most; a minor cycle moves towards the affine
-  minimiser of the support until a weight hits zero and drops it. It starts
-  from the uniform weights on the full support when stage 1's solve was
-  accurate and few weights vanish (then each vanishing group costs about one
-  cycle), and from the vertex of smallest norm otherwise, or if the interior
-  start has not finished after ``2 * vanishing + 4`` cycles (from a vertex,
-  supports stay affinely independent, so every solve is well posed). Stage 2 is a while loop that
+  minimiser of the support until a weight hits zero and drops it. When stage
+  1's solve was accurate and at most half the weights vanish, it first drops
+  every group whose stage-1 weight is not positive and starts from the
+  uniform weights on the rest (usually one or two more solves settle it);
+  otherwise, or if that start has not finished after ``2 * vanishing + 4``
+  cycles, from the vertex of smallest norm (from a vertex, supports stay
+  affinely independent, so every solve is well posed). Stage 2 is a while loop that
   takes zero trips when stage 1 succeeded; ``iterations`` counts the linear
   solves.
   """
@@ -261,6 +262,14 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
     new_w = jnp.where(ok, jnp.where(positive, alpha, w_minor), w)
     new_support = jnp.where(positive, support_major, support_minor)
     done = ((positive & ~add) | ~ok).astype(jnp.int32)
+    # First trip of an interior start: drop every group with a non-positive
+    # weight in the full-support solution at once and restart from the
+    # uniform weights on the rest (a point of that face's relative interior);
+    # groups dropped wrongly come back through major cycles.
+    first = (it == 1) & interior
+    new_w = jnp.where(first, kept / jnp.maximum(jnp.sum(kept), 1.0), new_w)
+    new_support = jnp.where(first, kept, new_support)
+    done = jnp.where(first, 0, done)
     # An interior start that has not finished within its budget restarts
     # from the vertex (a safeguard for near-singular full supports).
     restart = (it == restart_at) & (done == 0)
@@ -275,7 +284,9 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
   # vanishes need minor cycles), else from the best vertex.
   count = jnp.sum(valid)
   vanishing = jnp.sum(jnp.where((valid > 0) & (alpha <= 0), 1.0, 0.0))
-  interior = usable & (vanishing <= jnp.maximum(2.0, count / 8))
+  kept = jnp.where((valid > 0) & (alpha > 0), 1.0, 0.0)
+  interior = usable & (vanishing <= jnp.maximum(2.0, count / 2)) & (
+      jnp.sum(kept) > 0)
   restart_at = jnp.where(interior, 2 * vanishing + 4, -1).astype(jnp.int32)
   uniform = valid / jnp.maximum(count, 1.0)
   w0 = jnp.where(accept, alpha, jnp.where(interior, uniform, vertex))
