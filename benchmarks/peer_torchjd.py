@@ -106,7 +106,11 @@ def build_model(torch, shape, device):
 
 def main(argv=None):
   args = _parse(argv)
-  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    sys.exit('peer_torchjd.py needs PyTorch (pip install torch); torchjd is '
+             'optional (its rows are skipped without it).')
   try:
     import torchjd  # pylint: disable=g-import-not-at-top
     from torchjd.aggregation import MGDA, MGDAWeighting  # pylint: disable=g-import-not-at-top
