@@ -154,18 +154,15 @@ def main(argv=None):
       grams = [jnp.asarray(k) for k in make_grams(family, m, ngrams)]
       for solver in names:
         fn, method = make_solver(solver)
-        saved = solvers_lib._EXACT_BACKEND  # pylint: disable=protected-access
-        if method:
-          solvers_lib._EXACT_BACKEND = method  # pylint: disable=protected-access
         t0 = time.perf_counter()
         try:
-          sols = [jax.block_until_ready(fn(k)) for k in grams]
+          # The first calls trace (and fix) the backend of the exact solver.
+          with solvers_lib.exact_backend(method or solvers_lib._EXACT_BACKEND):  # pylint: disable=protected-access
+            sols = [jax.block_until_ready(fn(k)) for k in grams]
         except Exception as e:  # pylint: disable=broad-except
           print(json.dumps({'benchmark': 'qp_solvers', 'solver': solver,
                             'm': m, 'error': f'{type(e).__name__}: {e}'[:400]}))
           continue
-        finally:
-          solvers_lib._EXACT_BACKEND = saved  # pylint: disable=protected-access
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for k in grams:

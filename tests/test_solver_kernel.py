@@ -22,13 +22,9 @@ def gram(seed, m, p, common=0.3):
 
 
 def solve_with(backend, k):
-  saved = solvers._EXACT_BACKEND  # pylint: disable=protected-access
-  solvers._EXACT_BACKEND = backend  # pylint: disable=protected-access
-  try:
-    # A fresh function, so that the backend is read at trace time.
+  # A fresh function, so that the backend is read at trace time.
+  with solvers.exact_backend(backend):
     return jax.jit(lambda k: grain_optax.min_norm_weights(k))(k)
-  finally:
-    solvers._EXACT_BACKEND = saved  # pylint: disable=protected-access
 
 
 CASES = {

@@ -14,6 +14,7 @@ hull of the group gradients. Optimality (KKT) needs only :math:`K`:
 group.
 """
 
+import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -337,6 +338,27 @@ def _exact_pallas(k, valid_f, tolerance, regularization, max_iterations,
 # Where the exact solver runs: 'auto' (a Pallas kernel on CUDA GPUs, XLA
 # elsewhere), 'xla' or 'pallas_interpret' (for tests). Read at trace time.
 _EXACT_BACKEND = 'auto'
+_EXACT_BACKENDS = ('auto', 'xla', 'pallas_interpret')
+
+
+@contextlib.contextmanager
+def exact_backend(name: str):
+  """Within the block, functions *traced* run the exact solver on ``name``.
+
+  For tests and benchmarks: ``'auto'`` (the default: a Pallas kernel on CUDA
+  GPUs, XLA elsewhere), ``'xla'``, or ``'pallas_interpret'`` (the GPU kernel
+  interpreted, on any device). Functions already compiled keep their backend.
+  """
+  global _EXACT_BACKEND  # pylint: disable=global-statement
+  if name not in _EXACT_BACKENDS:
+    raise ValueError(f'grain_optax: unknown exact-solver backend {name!r}; '
+                     f'choose one of {_EXACT_BACKENDS}.')
+  saved = _EXACT_BACKEND
+  _EXACT_BACKEND = name
+  try:
+    yield
+  finally:
+    _EXACT_BACKEND = saved
 
 
 def _gpu_present() -> bool:
