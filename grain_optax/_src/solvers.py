@@ -361,6 +361,7 @@ def exact_backend(name: str):
     _EXACT_BACKEND = saved
 
 
+@functools.lru_cache(maxsize=None)
 def _gpu_present() -> bool:
   try:
     return bool(jax.devices('gpu'))
