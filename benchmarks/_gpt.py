@@ -37,8 +37,12 @@ from grain_optax._src import solvers as _solvers  # pylint: disable=g-bad-import
 
 # GRAIN_EXACT_BACKEND=xla runs the exact solver under XLA even on a CUDA GPU
 # (run_gpu.sh sets it if the Pallas kernel fails its check on the machine).
+# Kept open for the whole process (a module-level reference, so that it is
+# never closed); exact_backend validates the name.
+_BACKEND_OVERRIDE = None
 if os.environ.get('GRAIN_EXACT_BACKEND'):
-  _solvers._EXACT_BACKEND = os.environ['GRAIN_EXACT_BACKEND']  # pylint: disable=protected-access
+  _BACKEND_OVERRIDE = _solvers.exact_backend(os.environ['GRAIN_EXACT_BACKEND'])
+  _BACKEND_OVERRIDE.__enter__()  # pylint: disable=unnecessary-dunder-call
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ Usage: python benchmarks/qp_solvers.py --config full [--sizes 2 4 ...]
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -157,7 +158,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         try:
           # The first calls trace (and fix) the backend of the exact solver.
-          with solvers_lib.exact_backend(method or solvers_lib._EXACT_BACKEND):  # pylint: disable=protected-access
+          with (solvers_lib.exact_backend(method) if method
+                else contextlib.nullcontext()):
             sols = [jax.block_until_ready(fn(k)) for k in grams]
         except Exception as e:  # pylint: disable=broad-except
           print(json.dumps({'benchmark': 'qp_solvers', 'solver': solver,

@@ -280,9 +280,10 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
     return new_w, new_support, new_alpha, new_ok, it + 1, done
 
   # Wolfe's algorithm starts from any point of the relative interior of a
-  # face with its affine minimiser: from the uniform weights on the full
-  # support when stage 1's solve is usable (then only the groups whose weight
-  # vanishes need minor cycles), else from the best vertex.
+  # face with its affine minimiser. Interior start: the loop state begins on
+  # the full support (stage 1's solve, reused: no extra solve before the
+  # loop) and the first trip moves it to the uniform weights on the groups
+  # stage 1 kept. Otherwise: the best vertex.
   count = jnp.sum(valid)
   vanishing = jnp.sum(jnp.where((valid > 0) & (alpha <= 0), 1.0, 0.0))
   kept = jnp.where((valid > 0) & (alpha > 0), 1.0, 0.0)
@@ -459,8 +460,9 @@ def min_norm_weights(
     :math:`w \propto (K + \epsilon I)^{-1}\mathbb{1}`, which is the answer
     whenever every weight comes out positive (the common case for group
     gradients of dimension much larger than m); otherwise Wolfe's
-    min-norm-point active-set algorithm (major and minor cycles), from the
-    full support when few weights vanish, else from the best vertex. Reaches
+    min-norm-point active-set algorithm (major and minor cycles), started on
+    the groups whose closed-form weight is positive when at most half of
+    them vanish, else from the best vertex. Reaches
     the float32 KKT floor (about 1e-7 relative). On CUDA GPUs the whole
     algorithm runs as one Pallas kernel: no host round trip inside a training
     step, about 15-25 microseconds of device time for a full-support solve up
