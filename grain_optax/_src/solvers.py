@@ -143,13 +143,14 @@ def _uniform(valid):
 # (measured on an H100: a GRAIN step spent 9.6 ms of 33 ms idle that way).
 
 
-def _sweep_solve(a, b):
-  """Solves ``a y = b`` for a symmetric positive definite ``a`` by sweeping.
+def _sweep_factor(a):
+  """Inverse of a symmetric positive definite ``a`` by sweeping; returns a solver.
 
   The symmetric sweep operator applied to every index turns ``a`` into
   :math:`-a^{-1}` keeping it symmetric, so each of the ``n`` steps reads one
   row (one reduction) instead of a row and a column. No pivoting: the pivots
-  of a positive definite matrix are positive.
+  of a positive definite matrix are positive. The returned function solves
+  ``a x = b`` for any ``b`` with one matrix-vector product.
   """
   n = a.shape[0]
   rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
@@ -166,14 +167,17 @@ def _sweep_solve(a, b):
     return jnp.where((rows == k) & (cols == k), -inv, t)
 
   t = jax.lax.fori_loop(0, n, body, a)
-  return -jnp.sum(t * b[None, :], axis=1)
+  return lambda b: -jnp.sum(t * b[None, :], axis=1)
 
 
-def _lu_solve(a, b):
-  return jnp.linalg.solve(a, b)
+def _lu_factor(a):
+  """LU factors of ``a`` (partial pivoting); returns a solver for ``a x = b``."""
+  lu_and_piv = jax.scipy.linalg.lu_factor(a)
+  return lambda b: jax.scipy.linalg.lu_solve(lu_and_piv, b)
 
 
-def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
+def _exact_core(k, valid, tolerance, regularization, max_iterations,
+                factor):
   """Closed-form full-support solve, then Wolfe's algorithm if it fails.
 
   Args:
@@ -182,69 +186,118 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
     tolerance: KKT tolerance for adding a group (relative).
     regularization: ridge added to the diagonal.
     max_iterations: cap on Wolfe iterations (a Python int).
-    solve: ``solve(a, b)`` for a symmetric positive definite ``a``.
+    factor: ``factor(a)`` for a symmetric positive definite ``a`` returns a
+      function solving ``a x = b``.
 
   Returns:
     ``(w, iterations)``: ``[n]`` float32 weights (not yet symmetrised or
     renormalised) and the int32 number of linear solves.
 
-  Stage 1 solves :math:`(K + \\epsilon I) y = 1` over every included group;
-  if all :math:`y_i > 0` then :math:`w = y / 1^\\top y` satisfies
-  :math:`(Kw)_i = w^\\top K w` for every group: the KKT point, in one solve.
-  Otherwise stage 2 runs Wolfe's min-norm-point algorithm: a major cycle adds
-  the group that violates KKT most; a minor cycle moves towards the affine
-  minimiser of the support until a weight hits zero and drops it. When stage
-  1's solve was accurate and at most half the weights vanish, it first drops
-  every group whose stage-1 weight is not positive and starts from the
-  uniform weights on the rest (usually one or two more solves settle it);
-  otherwise, or if that start has not finished after ``2 * vanishing + 4``
-  cycles, from the vertex of smallest norm (from a vertex, supports stay
-  affinely independent, so every solve is well posed). Stage 2 is a while loop that
-  takes zero trips when stage 1 succeeded; ``iterations`` counts the linear
-  solves.
+  The problem solved is :math:`\\min_{w \\in \\Delta} w^\\top A w` with
+  :math:`A = K + \\epsilon I` (strictly convex, so the minimiser is unique;
+  its KKT residual on :math:`K` is at most :math:`\\epsilon / 4`).
+
+  Stage 1 solves :math:`A y = 1` over every included group; if all
+  :math:`y_i > 0` then :math:`w = y / 1^\\top y` satisfies
+  :math:`(Aw)_i = w^\\top A w` for every group: the KKT point, in one solve.
+
+  Otherwise stage 2 runs Wolfe's min-norm-point algorithm. A major cycle adds
+  the group that violates KKT most; a minor cycle moves from the current
+  point towards the affine minimiser of the support until a weight reaches
+  zero and drops that group. The affine minimiser of a support :math:`S` is
+  computed relative to a reference group :math:`r \\in S` (the one of largest
+  weight): with :math:`\\beta` over :math:`S \\setminus r`,
+  :math:`\\alpha_r = 1 - 1^\\top\\beta` and
+  :math:`M \\beta = A_{S r} - A_{rr}`, :math:`M` the Gram matrix of the
+  differences :math:`g_i - g_r` (plus the ridge), which is positive definite
+  for any support of distinct groups. Unlike the system
+  :math:`A_S y = 1`, it stays well posed when the minimum-norm point of the
+  support's affine hull is the origin (conflicting groups on a low-rank
+  Gram: the case that matters most for GRAIN).
+
+  Starts: when stage 1's solve is accurate and at most half of its weights
+  vanish, from the uniform weights on the groups stage 1 kept (usually one or
+  two more solves settle it). Such a support can be affinely dependent (more
+  groups than the rank of :math:`K` plus one), where the solve is
+  ill-conditioned: every affine minimiser is therefore checked to be no worse
+  than the current point (it cannot be, exactly), and a failed check, or an
+  interior start that has not finished within ``2 * vanishing + 4`` trips,
+  restarts from the vertex of smallest norm. From a vertex, supports stay
+  affinely independent, and Wolfe's method decreases the objective strictly
+  at every major cycle, so it cannot cycle. The loop ends only when no group
+  violates KKT by more than ``tolerance`` (or at ``max_iterations``).
+  ``iterations`` counts the linear solves.
   """
   n = k.shape[0]
   idx = jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
   eye = (jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
          == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1))
   a = jnp.where(eye, k + regularization, k)
-  diag = jnp.sum(jnp.where(eye, k, 0.0), axis=1)
+  diag = jnp.sum(jnp.where(eye, a, 0.0), axis=1)
 
   def matvec(x):
     return jnp.sum(a * x[None, :], axis=1)
 
-  def affine_minimizer(support):
-    system = jnp.where(eye, jnp.where(support > 0, a, 1.0),
-                       a * support[:, None] * support[None, :])
-    y = solve(system, support)
-    total = jnp.sum(y)
-    ok = (total > 0) & (total < jnp.inf)
-    return y / jnp.where(ok, total, 1.0), ok
+  def first_index(mask):
+    return jnp.min(jnp.where(mask, idx, n))
 
-  alpha, ok = affine_minimizer(valid)
+  # Stage 1: the closed form over every included group.
+  system = jnp.where(eye, jnp.where(valid > 0, a, 1.0),
+                     a * valid[:, None] * valid[None, :])
+  y = factor(system)(valid)
+  total = jnp.sum(y)
+  ok = (total > 0) & (total < jnp.inf)
+  alpha = y / jnp.where(ok, total, 1.0)
   kw = matvec(alpha)
   residual = jnp.max(jnp.where(valid > 0, jnp.sum(alpha * kw) - kw, -jnp.inf))
   usable = ok & (residual <= _CLOSED_FORM_ACCEPT)
   accept = usable & (jnp.min(jnp.where(valid > 0, alpha, 1.0)) > 0)
 
   masked_diag = jnp.where(valid > 0, diag, jnp.inf)
-  best = jnp.min(masked_diag)
-  first = jnp.min(jnp.where(masked_diag == best, idx, n))
-  vertex = (idx == first).astype(jnp.float32)
+  vertex = (idx == first_index(masked_diag == jnp.min(masked_diag))).astype(
+      jnp.float32)
+
+  def affine_minimizer(support, w):
+    """Affine minimiser of the support, relative to its heaviest group."""
+    heaviest = jnp.max(jnp.where(support > 0, w, -jnp.inf))
+    e = (idx == first_index((support > 0) & (w == heaviest))).astype(
+        jnp.float32)
+    rest = support * (1.0 - e)
+    ar = matvec(e)
+    arr = jnp.sum(e * ar)
+    diff = a - ar[:, None] - ar[None, :] + arr
+    system = jnp.where(eye, jnp.where(rest > 0, diff, 1.0),
+                       diff * rest[:, None] * rest[None, :])
+    solve = factor(system)
+    beta = solve((arr - ar) * rest) * rest
+    alpha = beta + e * (1.0 - jnp.sum(beta))
+    # Iterative refinement against residuals taken from A itself (not from
+    # the differenced matrix, whose entries carry cancellation errors): the
+    # affine minimiser has (A alpha)_i equal over the support.
+    for _ in range(_REFINEMENT_STEPS):
+      aa = matvec(alpha)
+      delta = solve((jnp.sum(e * aa) - aa) * rest) * rest
+      alpha = alpha + delta - e * jnp.sum(delta)
+    return alpha, jnp.all(jnp.isfinite(alpha))
 
   def cond(state):
-    return (state[-1] == 0) & (state[-2] < max_iterations)
+    return (state[3] == 0) & (state[2] < max_iterations)
 
   def body(state):
-    # alpha is the affine minimiser of the support (ok: the solve worked).
-    w, support, alpha, ok, it, _ = state
-    positive = ok & (jnp.min(jnp.where(support > 0, alpha, 1.0)) > 0)
+    w, support, it, _, phase = state
+    alpha, ok = affine_minimizer(support, w)
+    kw = matvec(w)
+    obj_w = jnp.sum(w * kw)
+    ka = matvec(alpha)
+    obj = jnp.sum(alpha * ka)
+    # The affine minimiser is no worse than w, which lies in the same affine
+    # hull; anything else is a numerically failed solve.
+    sane = ok & (obj <= obj_w + _AFFINE_SLACK)
+    positive = sane & (jnp.min(jnp.where(support > 0, alpha, 1.0)) > 0)
     # Major cycle: alpha lies inside the face; add the most violating group.
-    grad = matvec(alpha)
-    obj = jnp.sum(alpha * grad)
-    candidates = jnp.where((valid > 0) & (support == 0), grad, jnp.inf)
+    candidates = jnp.where((valid > 0) & (support == 0), ka, jnp.inf)
     lowest = jnp.min(candidates)
-    j = jnp.min(jnp.where(candidates == lowest, idx, n))
+    j = first_index(candidates == lowest)
     add = lowest < obj - tolerance
     support_major = jnp.where((idx == j) & add, 1.0, support)
     # Minor cycle: move from w towards alpha until a weight reaches zero.
@@ -260,49 +313,44 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations, solve):
     w_minor = w_minor / jnp.sum(w_minor)
     support_minor = jnp.where(drop, 0.0, support)
 
-    new_w = jnp.where(ok, jnp.where(positive, alpha, w_minor), w)
+    new_w = jnp.where(positive, alpha, w_minor)
     new_support = jnp.where(positive, support_major, support_minor)
-    done = ((positive & ~add) | ~ok).astype(jnp.int32)
-    # First trip of an interior start: drop every group with a non-positive
-    # weight in the full-support solution at once and restart from the
-    # uniform weights on the rest (a point of that face's relative interior);
-    # groups dropped wrongly come back through major cycles.
-    first = (it == 1) & interior
-    new_w = jnp.where(first, kept / jnp.maximum(jnp.sum(kept), 1.0), new_w)
-    new_support = jnp.where(first, kept, new_support)
-    done = jnp.where(first, 0, done)
-    # An interior start that has not finished within its budget restarts
-    # from the vertex (a safeguard for near-singular full supports).
-    restart = (it == restart_at) & (done == 0)
-    new_w = jnp.where(restart, vertex, new_w)
-    new_support = jnp.where(restart, vertex, new_support)
-    new_alpha, new_ok = affine_minimizer(new_support)
-    return new_w, new_support, new_alpha, new_ok, it + 1, done
+    done = (positive & ~add).astype(jnp.int32)
+    # A failed solve, or an interior start past its budget, restarts from the
+    # vertex; a failed solve from a vertex start ends the loop (it has not
+    # been seen; the KKT residual then reports it).
+    restart = (phase == 1) & (~sane | ((it >= restart_at) & (done == 0)))
+    give_up = (phase == 0) & ~sane
+    new_w = jnp.where(restart, vertex, jnp.where(give_up, w, new_w))
+    new_support = jnp.where(restart, vertex,
+                            jnp.where(give_up, support, new_support))
+    done = jnp.where(give_up, 1, jnp.where(restart, 0, done))
+    phase = jnp.where(restart, 0, phase)
+    return new_w, new_support, it + 1, done, phase
 
-  # Wolfe's algorithm starts from any point of the relative interior of a
-  # face with its affine minimiser. Interior start: the loop state begins on
-  # the full support (stage 1's solve, reused: no extra solve before the
-  # loop) and the first trip moves it to the uniform weights on the groups
-  # stage 1 kept. Otherwise: the best vertex.
   count = jnp.sum(valid)
   vanishing = jnp.sum(jnp.where((valid > 0) & (alpha <= 0), 1.0, 0.0))
   kept = jnp.where((valid > 0) & (alpha > 0), 1.0, 0.0)
   interior = usable & (vanishing <= jnp.maximum(2.0, count / 2)) & (
       jnp.sum(kept) > 0)
-  restart_at = jnp.where(interior, 2 * vanishing + 4, -1).astype(jnp.int32)
-  uniform = valid / jnp.maximum(count, 1.0)
-  w0 = jnp.where(accept, alpha, jnp.where(interior, uniform, vertex))
-  s0 = jnp.where(interior, valid, vertex)
-  alpha0 = jnp.where(interior, alpha, vertex)
-  init = (w0, s0, alpha0, jnp.ones([], bool), jnp.ones([], jnp.int32),
-          accept.astype(jnp.int32))
-  w, _, _, _, iterations, _ = jax.lax.while_loop(cond, body, init)
+  restart_at = (2 * vanishing + 4).astype(jnp.int32)
+  w0 = jnp.where(accept, alpha, jnp.where(
+      interior, kept / jnp.maximum(jnp.sum(kept), 1.0), vertex))
+  s0 = jnp.where(interior, kept, vertex)
+  init = (w0, s0, jnp.ones([], jnp.int32), accept.astype(jnp.int32),
+          interior.astype(jnp.int32))
+  w, _, iterations, _, _ = jax.lax.while_loop(cond, body, init)
   return w, iterations
 
 
-# Stage 1 of the exact solver is accepted only if its KKT residual is below
-# this (a guard against a garbage solve of a near-singular system).
-_CLOSED_FORM_ACCEPT = 1e-4
+# Stage 1 of the exact solver is accepted only if its KKT residual (relative,
+# on the ridged Gram) is below this.
+_CLOSED_FORM_ACCEPT = 2e-7
+# An affine minimiser whose objective exceeds the current point's by more
+# than this (relative to the largest diagonal, 1) is a failed solve.
+_AFFINE_SLACK = 1e-6
+# Refinement steps of each affine-minimiser solve.
+_REFINEMENT_STEPS = 2
 
 
 def _exact_kernel(k_ref, v_ref, p_ref, w_ref, it_ref, *, max_iterations):
@@ -312,7 +360,7 @@ def _exact_kernel(k_ref, v_ref, p_ref, w_ref, it_ref, *, max_iterations):
   tolerance = jnp.sum(jnp.where(idx == 0, params, 0.0))
   regularization = jnp.sum(jnp.where(idx == 1, params, 0.0))
   w, iterations = _exact_core(k_ref[...], v_ref[...], tolerance,
-                              regularization, max_iterations, _sweep_solve)
+                              regularization, max_iterations, _sweep_factor)
   w_ref[...] = w
   it_ref[...] = jnp.full(it_ref.shape, iterations, jnp.int32)
 
@@ -378,7 +426,7 @@ def _exact(k, valid, tolerance, max_iterations, regularization):
 
   def on_xla(k, valid_f, tolerance, regularization):
     return _exact_core(k, valid_f, tolerance, regularization, max_iterations,
-                       _lu_solve)
+                       _lu_factor)
 
   def on_pallas(k, valid_f, tolerance, regularization):
     try:
