@@ -16,11 +16,14 @@ group.
 
 import contextlib
 import functools
+import os
+import warnings
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import jaxopt
+import numpy as np
 import optax
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -305,7 +308,7 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations,
     denom = w - alpha
     ratios = jnp.where(negative & (denom > 0),
                        w / jnp.where(denom > 0, denom, 1.0),
-                       jnp.where(negative, 0.0, jnp.inf))
+                       jnp.where(negative, jnp.float32(0), jnp.float32(jnp.inf)))
     theta = jnp.clip(jnp.min(ratios), 0.0, 1.0)
     w_minor = w + theta * (alpha - w)
     drop = (negative & (ratios <= theta)) | ((support > 0) & (w_minor <= 0))
@@ -329,8 +332,8 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations,
     return new_w, new_support, it + 1, done, phase
 
   count = jnp.sum(valid)
-  vanishing = jnp.sum(jnp.where((valid > 0) & (alpha <= 0), 1.0, 0.0))
-  kept = jnp.where((valid > 0) & (alpha > 0), 1.0, 0.0)
+  vanishing = jnp.sum(((valid > 0) & (alpha <= 0)).astype(jnp.float32))
+  kept = ((valid > 0) & (alpha > 0)).astype(jnp.float32)
   interior = usable & (vanishing <= jnp.maximum(2.0, count / 2)) & (
       jnp.sum(kept) > 0)
   restart_at = (2 * vanishing + 4).astype(jnp.int32)
@@ -353,12 +356,13 @@ _AFFINE_SLACK = 1e-6
 _REFINEMENT_STEPS = 2
 
 
-def _exact_kernel(k_ref, v_ref, p_ref, w_ref, it_ref, *, max_iterations):
+def _exact_kernel(k_ref, v_ref, p_ref, w_ref, it_ref):
   """Pallas kernel: the whole exact solver on one padded [n, n] Gram."""
   params = p_ref[...]
   idx = jax.lax.broadcasted_iota(jnp.int32, params.shape, 0)
   tolerance = jnp.sum(jnp.where(idx == 0, params, 0.0))
   regularization = jnp.sum(jnp.where(idx == 1, params, 0.0))
+  max_iterations = jnp.sum(jnp.where(idx == 2, params, 0.0)).astype(jnp.int32)
   w, iterations = _exact_core(k_ref[...], v_ref[...], tolerance,
                               regularization, max_iterations, _sweep_factor)
   w_ref[...] = w
@@ -374,20 +378,32 @@ def _exact_pallas(k, valid_f, tolerance, regularization, max_iterations,
   k_pad = jnp.zeros((n, n), jnp.float32).at[:m, :m].set(k)
   v_pad = jnp.zeros((n,), jnp.float32).at[:m].set(valid_f)
   params = jnp.zeros((16,), jnp.float32).at[0].set(tolerance).at[1].set(
-      regularization)
-  kernel = functools.partial(_exact_kernel, max_iterations=max_iterations)
+      regularization).at[2].set(jnp.asarray(max_iterations, jnp.float32))
   w, it = pl.pallas_call(
-      kernel,
+      _exact_kernel,
       out_shape=(jax.ShapeDtypeStruct((n,), jnp.float32),
                  jax.ShapeDtypeStruct((16,), jnp.int32)),
       interpret=interpret)(k_pad, v_pad, params)
   return w[:m], it[0]
 
 
-# Where the exact solver runs: 'auto' (a Pallas kernel on CUDA GPUs, XLA
-# elsewhere), 'xla' or 'pallas_interpret' (for tests). Read at trace time.
-_EXACT_BACKEND = 'auto'
+# Where the exact solver runs: 'auto' (a Pallas kernel on CUDA GPUs where it
+# compiles and runs, XLA elsewhere), 'xla' or 'pallas_interpret' (for tests).
+# Read at trace time. The environment variable GRAIN_OPTAX_EXACT_BACKEND
+# ('auto' or 'xla') sets the default for the process.
 _EXACT_BACKENDS = ('auto', 'xla', 'pallas_interpret')
+
+
+def _backend_from_environment() -> str:
+  name = os.environ.get('GRAIN_OPTAX_EXACT_BACKEND', 'auto').strip().lower()
+  if name not in ('auto', 'xla'):
+    raise ValueError(
+        f'grain_optax: GRAIN_OPTAX_EXACT_BACKEND={name!r} is not a backend; '
+        "use 'auto' (the default) or 'xla'.")
+  return name
+
+
+_EXACT_BACKEND = _backend_from_environment()
 
 
 @contextlib.contextmanager
@@ -418,6 +434,35 @@ def _gpu_present() -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=None)
+def _pallas_usable() -> bool:
+  """Whether the Pallas kernel compiles, runs and is right on this GPU.
+
+  Checked once per process on a 2-group problem with a known answer. Pallas'
+  GPU backends change between JAX releases (the Triton one is deprecated):
+  where the kernel cannot be built, the exact solver runs under XLA instead,
+  with a warning, rather than failing the training step.
+  """
+  try:
+    gpu = jax.devices('gpu')[0]
+    k = jax.device_put(np.array([[1.0, 0.0], [0.0, 9.0]], np.float32), gpu)
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      w, _ = jax.jit(lambda k: _exact_pallas(
+          k, jnp.ones(2, jnp.float32), 1e-7, 1e-7, 32))(k)
+      w = np.asarray(w)
+    if not np.allclose(w / w.sum(), [0.9, 0.1], atol=1e-5):
+      raise RuntimeError(f'the kernel returned {w}, expected [0.9, 0.1]')
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.warn(
+        'grain_optax: the exact solver\'s Pallas GPU kernel is unavailable on '
+        f'this JAX ({jax.__version__}): {type(e).__name__}: {e}. The same '
+        'algorithm runs under XLA instead (correct, with a few more '
+        'microseconds per step).', RuntimeWarning, stacklevel=2)
+    return False
+
+
 def _exact(k, valid, tolerance, max_iterations, regularization):
   """The exact solver: weights on the simplex and the number of solves."""
   valid_f = valid.astype(jnp.float32)
@@ -444,7 +489,7 @@ def _exact(k, valid, tolerance, max_iterations, regularization):
     w, iterations = on_xla(*args)
   elif _EXACT_BACKEND == 'pallas_interpret':
     w, iterations = _exact_pallas(*args, max_iterations, interpret=True)
-  elif _gpu_present():
+  elif _gpu_present() and _pallas_usable():
     # platform_dependent picks the branch for the device the computation
     # lands on (a jit may target the CPU on a GPU host).
     w, iterations = jax.lax.platform_dependent(
@@ -463,8 +508,21 @@ def _exact(k, valid, tolerance, max_iterations, regularization):
   return w / jnp.sum(w), iterations
 
 
+def _static_number(x):
+  """``x`` as a Python float if it is known at trace time, else None."""
+  try:
+    return float(x)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return None
+
+
 def _projected_gradient(k, valid, tolerance, max_iterations, stepsize):
   """jaxopt's ProjectedGradient with optax's Euclidean simplex projection."""
+  # jaxopt builds parts of its state from Python floats, which are float64
+  # in x64 mode: run it in the default float type of the mode, so that its
+  # loop carries keep one dtype, and return float32.
+  dtype = jnp.zeros(0).dtype
+  k = k.astype(dtype)
 
   def objective(w, k):
     return _dot(w, _dot(k, w))
@@ -472,15 +530,27 @@ def _projected_gradient(k, valid, tolerance, max_iterations, stepsize):
   def projection(w, valid):
     # Excluded groups are pushed far below the simplex threshold, so the
     # projection gives them exactly zero weight.
-    return optax.projections.projection_simplex(jnp.where(valid, w, -1e9))
+    return optax.projections.projection_simplex(
+        jnp.where(valid, w, jnp.asarray(-1e9, w.dtype)))
 
-  pg = jaxopt.ProjectedGradient(
-      fun=objective, projection=projection, tol=tolerance,
-      maxiter=max_iterations, stepsize=stepsize, implicit_diff=False,
-      jit=True)
-  w, state = pg.run(_uniform(valid), valid, k)
-  w = jnp.where(valid, jnp.maximum(w, 0.0), 0.0)
-  return w / jnp.sum(w), jnp.asarray(state.iter_num, jnp.int32)
+  def run(step):
+    pg = jaxopt.ProjectedGradient(
+        fun=objective, projection=projection, tol=tolerance,
+        maxiter=max_iterations, stepsize=step, implicit_diff=False,
+        jit=True)
+    w, state = pg.run(_uniform(valid).astype(dtype), valid, k)
+    return w, jnp.asarray(state.iter_num, jnp.int32)
+
+  if _static_number(stepsize) is None:
+    # Injected (optax.inject_hyperparams): 0 selects the line search at run
+    # time, so both variants are compiled.
+    fixed = jnp.asarray(stepsize, dtype)
+    w, iterations = jax.lax.cond(
+        fixed > 0, lambda: run(lambda _: fixed), lambda: run(0.0))
+  else:
+    w, iterations = run(_static_number(stepsize))
+  w = jnp.where(valid, jnp.maximum(w, 0.0), 0.0).astype(jnp.float32)
+  return w / jnp.sum(w), iterations
 
 
 def min_norm_weights(
@@ -572,6 +642,12 @@ def min_norm_weights(
   else:
     if max_iterations is None:
       max_iterations = 1000
+    if _static_number(max_iterations) is None:
+      raise ValueError(
+          "grain_optax: solver='projected_gradient' needs max_iterations as a "
+          'Python int (jaxopt sizes its loop with it), but it is traced; with '
+          "optax.inject_hyperparams, pass static_args=('max_iterations',).")
+    max_iterations = int(max_iterations)
     w, iterations = _projected_gradient(k, valid, tolerance, max_iterations,
                                         stepsize)
   any_valid = jnp.any(valid)
