@@ -317,3 +317,31 @@ def test_environment_variable_selects_the_backend():
       assert '[0.5 0.5]' in out.stdout
     else:
       assert "GRAIN_OPTAX_EXACT_BACKEND='cuda'" in out.stderr
+
+
+@pytest.mark.parametrize('scale', [1e-15, 1e-9, 1e-3, 1e3, 1e9, 1e15])
+def test_weights_do_not_depend_on_the_gradient_scale(scale):
+  # Gradients (not Grams) scaled: entries of order 0.1 * scale, P = 64.
+  rng = np.random.default_rng(11)
+  g = (rng.normal(size=(6, 64)) * 0.1 + 0.05 * rng.normal(size=(1, 64)))
+  g = g.astype(np.float32)
+  w1 = solve(grain_optax.gram_matrix(jnp.asarray(g))).weights
+  scaled = solve(grain_optax.gram_matrix(jnp.asarray(g * np.float32(scale))))
+  np.testing.assert_allclose(scaled.weights, w1, atol=1e-5)
+  assert float(scaled.kkt_residual) <= 1e-6
+
+
+def test_where_the_scale_range_ends():
+  # The README's documented limits of the float32 Gram.
+  g = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], np.float32)
+  # A group of norm 1e20 overflows its squared norm: excluded as non-finite.
+  big = g.copy()
+  big[2] *= np.float32(1e20)
+  sol = solve(grain_optax.gram_matrix(jnp.asarray(big)))
+  assert float(sol.weights[2]) == 0.0
+  np.testing.assert_allclose(sol.weights[:2], [0.8, 0.2], atol=1e-6)
+  # Entries of 1e-25 underflow every product: the Gram is zero and the
+  # weights are uniform (the plain mean).
+  tiny = grain_optax.gram_matrix(jnp.asarray(g * np.float32(1e-25)))
+  np.testing.assert_array_equal(tiny, np.zeros((3, 3)))
+  np.testing.assert_allclose(solve(tiny).weights, np.full(3, 1 / 3), rtol=1e-6)
