@@ -8,10 +8,17 @@ an uninterrupted one.
 
 Imported by tests/test_checkpoint.py, and run as a script in a fresh process:
 
-    python tests/_resumable_training.py --api nnx --restore DIR --steps 8 --out FILE.npz
+    python tests/_resumable_training.py --api nnx --steps 8 --save-at 4 --save DIR --out A.npz
+    python tests/_resumable_training.py --api nnx --restore DIR --steps 8 --out B.npz
 
-which restores the checkpoint in DIR, trains up to ``--steps`` micro-batches
-and writes every array of the restored and of the final state to FILE.npz.
+The first trains 8 micro-batches, checkpointing to DIR after 4; the second
+restores DIR and trains up to ``--steps``. Each writes every array of the
+state it started from (``restored:``), of the state it saved (``saved:``) and
+of the final one (``final:``) to its FILE.npz; with ``--control``, also
+the final state of a second continuation whose accumulate buffer was emptied
+after restoring (``control:``). ``--device I`` puts the whole
+run on device I (with ``XLA_FLAGS=--xla_force_host_platform_device_count``),
+so a checkpoint can be written on devices the restoring process lacks.
 """
 
 import argparse
@@ -169,19 +176,39 @@ class Run:
 
   @classmethod
   def restore(cls, api, path, seed=0):
-    """A fresh run (as in a new process) with the state read from ``path``."""
+    """A fresh run (as in a new process) with the state read from ``path``.
+
+    Whatever devices the checkpoint was written from, the state lands on this
+    process's default device: every leaf of the abstract target names that
+    device (a leaf without a sharding would be placed as it was saved, and
+    orbax fails with "Topology mismatch" where those devices do not exist).
+    """
     run = cls(api, seed)
     checkpointer = ocp.StandardCheckpointer()
     path = pathlib.Path(path).resolve()
     if api == 'nnx':
       graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _nnx_new(seed)))
       run.model, run.optimizer = nnx.merge(
-          graphdef, checkpointer.restore(path, abstract))
+          graphdef, checkpointer.restore(path, on_default_device(abstract)))
     else:
       abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                         run.state)
       run.state = checkpointer.restore(path, abstract)
     return run
+
+  def empty_buffer(self):
+    """Zeroes the gradients stored in the accumulate buffer (a control)."""
+    if self.api == 'nnx':
+      acc = self.optimizer.opt_state[1]
+      for var in jax.tree_util.tree_leaves(
+          acc.buffer, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        var.set_value(var.get_value() * 0)
+    else:
+      acc = self.state.opt_state[1]
+      empty = jax.tree_util.tree_map(lambda b: b * 0, acc.buffer)
+      self.state = self.state.replace(opt_state=(
+          self.state.opt_state[0], acc._replace(buffer=empty)))
+    return self
 
   def arrays(self):
     """Every array of the training state (params, optimizer, RNG), by path."""
@@ -194,21 +221,47 @@ class Run:
     return out
 
 
+def on_default_device(abstract):
+  """``abstract`` (a tree of ShapeDtypeStructs) placed on the default device."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      abstract)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--api', choices=APIS, required=True)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--restore', default=None, help='checkpoint to resume')
   parser.add_argument('--steps', type=int, required=True)
+  parser.add_argument('--save-at', type=int, default=None)
+  parser.add_argument('--save', default=None, help='checkpoint to write')
+  parser.add_argument('--device', type=int, default=0,
+                      help='index of the device to run on')
+  parser.add_argument('--control', action='store_true',
+                      help='also continue from the restored state with the '
+                      'accumulate buffer emptied (control:)')
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
-  if args.restore:
-    run = Run.restore(args.api, args.restore, args.seed)
-  else:
-    run = Run(args.api, args.seed)
-  arrays = {f'restored:{k}': v for k, v in run.arrays().items()}
-  run.train(args.steps)
-  arrays.update({f'final:{k}': v for k, v in run.arrays().items()})
+  with jax.default_device(jax.devices()[args.device]):
+    if args.restore:
+      run = Run.restore(args.api, args.restore, args.seed)
+    else:
+      run = Run(args.api, args.seed)
+    arrays = {f'restored:{k}': v for k, v in run.arrays().items()}
+    if args.save:
+      run.train(args.save_at)
+      run.save(args.save)
+      arrays.update({f'saved:{k}': v for k, v in run.arrays().items()})
+      first = jax.tree_util.tree_leaves(run._tree())[0]  # pylint: disable=protected-access
+      arrays['saved_on'] = np.asarray(str(first.sharding))
+    run.train(args.steps)
+    arrays.update({f'final:{k}': v for k, v in run.arrays().items()})
+    if args.control:
+      control = Run.restore(args.api, args.restore, args.seed).empty_buffer()
+      control.train(args.steps)
+      arrays.update({f'control:{k}': v for k, v in control.arrays().items()})
   np.savez(args.out, **arrays)
 
 

@@ -22,8 +22,12 @@ class GrainState(NamedTuple):
   Attributes:
     count: ``[]`` int32, number of updates so far.
     weights: ``[num_groups]`` float32 convex weights of the last update (zero
-      for excluded groups); shape ``[0]`` when ``num_groups`` was not given to
-      :func:`grain`.
+      for excluded groups), or ``None`` when ``num_groups`` was not given to
+      :func:`grain`: the group count is then known only inside ``update``,
+      and a state's shapes are fixed by ``init``, so the weights are not
+      recorded (give ``num_groups`` to log them). ``None`` is an empty
+      subtree: the state still saves and restores with orbax, passes through
+      ``jax.lax.cond`` and ``jit``, and every other field is recorded.
     kkt_residual: ``[]`` float32 relative KKT residual of the weights (see
       :func:`kkt_residual`); near 1e-7 or below for the exact solver.
     norm_ratio: ``[]`` float32 :math:`\\|d\\| / \\|\\bar g\\|`, the norm of the
@@ -41,7 +45,7 @@ class GrainState(NamedTuple):
     solver_iterations: ``[]`` int32 iterations of the QP solver.
   """
   count: jax.Array
-  weights: jax.Array
+  weights: Optional[jax.Array]
   kkt_residual: jax.Array
   norm_ratio: jax.Array
   min_cosine: jax.Array
@@ -72,11 +76,17 @@ def _statistics(k, weights, valid):
   return ratio, min_cos, mean_min_cos
 
 
-def initial_state(num_weights: int) -> GrainState:
-  """The :class:`GrainState` before any update: uniform weights, zeros."""
+def initial_state(num_weights: Optional[int]) -> GrainState:
+  """The :class:`GrainState` before any update: uniform weights, zeros.
+
+  Args:
+    num_weights: the length of ``weights``; 0 or None records no weights
+      (``weights`` is None; a zero-size array would not save with orbax).
+  """
   return GrainState(
       count=jnp.zeros([], jnp.int32),
-      weights=jnp.full([num_weights], 1.0 / max(num_weights, 1), jnp.float32),
+      weights=(jnp.full([num_weights], 1.0 / num_weights, jnp.float32)
+               if num_weights else None),
       kkt_residual=jnp.zeros([], jnp.float32),
       norm_ratio=jnp.zeros([], jnp.float32),
       min_cosine=jnp.zeros([], jnp.float32),
