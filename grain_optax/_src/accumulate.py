@@ -15,11 +15,11 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from grain_optax._src import combine as combine_lib
 from grain_optax._src import gram as gram_lib
-from grain_optax._src import solvers
 from grain_optax._src import transform
 from grain_optax._src import validation
 
@@ -145,8 +145,8 @@ def accumulate(
     inner: the transformation to step once per window (e.g.
       ``optax.adamw(1e-3)``); plain ``GradientTransformation`` or one taking
       extra arguments.
-    every_k: the window size :math:`k`: a Python int ``>= 1``, or, when
-      ``max_every_k`` is given, a schedule ``step -> k`` evaluated at the
+    every_k: the window size :math:`k`: an int ``>= 1`` (Python or NumPy),
+      or, when ``max_every_k`` is given, a schedule ``step -> k`` evaluated at the
       number of inner steps taken so far (like ``MultiSteps``'
       ``every_k_schedule``) or a scalar int array (e.g. injected by
       ``optax.inject_hyperparams``). Values from a schedule or an array are
@@ -189,11 +189,13 @@ def accumulate(
     >>> [round(x, 4) for x in state.stats.weights.tolist()]
     [0.8, 0.2]
   """
-  if isinstance(every_k, bool):
+  caller = 'grain_optax.accumulate'
+  if isinstance(every_k, (bool, np.bool_)):
     raise ValueError(
         'grain_optax.accumulate: every_k must be an int >= 1, got '
         f'{every_k!r}.')
-  if isinstance(every_k, int):
+  if validation.is_int_like(every_k):  # Python or NumPy integer.
+    every_k = int(every_k)
     if every_k < 1:
       raise ValueError(
           f'grain_optax.accumulate: every_k must be >= 1, got {every_k}.')
@@ -210,16 +212,13 @@ def accumulate(
         'it; give max_every_k (a Python int >= 1) to keep shapes static. With '
         "optax.inject_hyperparams, either pass static_args=('every_k',) or "
         'give max_every_k.')
-  if (isinstance(max_every_k, bool) or not isinstance(max_every_k, int)
-      or max_every_k < 1):
-    raise ValueError(
-        f'grain_optax.accumulate: max_every_k must be an int >= 1, got '
-        f'{max_every_k!r} (with optax.inject_hyperparams, pass '
-        "static_args=('max_every_k',)).")
-  if solver not in solvers.SOLVERS:
-    raise ValueError(
-        f'grain_optax.accumulate: unknown solver {solver!r}; choose one of '
-        f'{solvers.SOLVERS}.')
+  max_every_k = validation.positive_int(
+      max_every_k, 'max_every_k', caller,
+      hint=" (with optax.inject_hyperparams, pass static_args=('max_every_k',))")
+  # Numeric solver options may be arrays (optax.inject_hyperparams).
+  solve = transform.make_solve(
+      solver=solver, tolerance=tolerance, max_iterations=max_iterations,
+      regularization=regularization, stepsize=stepsize, caller=caller)
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
         'grain_optax.accumulate: inner must be an optax '
@@ -266,10 +265,7 @@ def accumulate(
     def close_window():
       in_window = jnp.arange(num_slots) < filled
       gram = gram_lib.gram_matrix(buffer)
-      sol = solvers.min_norm_weights(
-          gram, solver=solver, mask=in_window, tolerance=tolerance,
-          max_iterations=max_iterations, regularization=regularization,
-          stepsize=stepsize)
+      sol = solve(gram, in_window)
       d = combine_lib.combine(buffer, sol.weights)
       d = jax.tree_util.tree_map(
           lambda x, u: x.astype(jnp.asarray(u).dtype), d, updates)

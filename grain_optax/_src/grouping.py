@@ -1,8 +1,9 @@
 """Splitting a batch into groups and per-group gradients by ``vmap``."""
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import jax
+import jax.numpy as jnp
 
 from grain_optax._src import validation
 
@@ -12,7 +13,8 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
 
   Args:
     batch: a pytree of arrays sharing the batch size ``B`` on axis 0.
-    num_groups: the number of groups ``m``; must divide ``B``.
+    num_groups: the number of groups ``m`` (a Python or NumPy int); must
+      divide ``B``.
 
   Returns:
     The same tree with leaves reshaped ``[B, ...] -> [m, B // m, ...]``;
@@ -28,7 +30,7 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
     >>> grain_optax.split_into_groups({'x': jnp.arange(6)}, 3)['x'].shape
     (3, 2)
   """
-  _check_num_groups(num_groups)
+  num_groups = _check_num_groups(num_groups)
 
   def split(path, leaf):
     shape = getattr(leaf, 'shape', ())
@@ -46,10 +48,39 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
   return jax.tree_util.tree_map_with_path(split, batch)
 
 
-def _check_num_groups(num_groups):
-  if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+def _check_num_groups(num_groups) -> int:
+  """``num_groups`` as a Python int >= 1 (NumPy integers accepted)."""
+  return validation.positive_int(num_groups, 'num_groups', 'grain_optax')
+
+
+def batch_indices(batch_argnums, caller: str) -> Tuple[int, ...]:
+  """``batch_argnums`` (an int or a sequence of ints) as a tuple of ints."""
+  many = isinstance(batch_argnums, (tuple, list))
+  items = tuple(batch_argnums) if many else (batch_argnums,)
+  out = []
+  for i in items:
+    if not validation.is_int_like(i) or i < 0:
+      raise ValueError(
+          f'{caller}: batch_argnums must be a non-negative int or a tuple of '
+          f'them, got {batch_argnums!r}.')
+    out.append(int(i))
+  if not out or len(set(out)) != len(out):
     raise ValueError(
-        f'grain_optax: num_groups must be an int >= 1, got {num_groups!r}.')
+        f'{caller}: batch_argnums must name at least one argument, each '
+        f'once; got {batch_argnums!r}.')
+  return tuple(out)
+
+
+def group_mask_of(example_mask: Callable[..., Any], batches: Sequence[Any],
+                  num_groups: int, caller: str) -> jax.Array:
+  """The ``[m]`` bool mask of groups holding at least one valid example."""
+  mask = jnp.asarray(example_mask(*batches))
+  if mask.ndim != 1 or mask.shape[0] % num_groups:
+    raise ValueError(
+        f'{caller}: example_mask must return one value per example, shape '
+        f'[B] with B divisible by num_groups={num_groups}; got shape '
+        f'{mask.shape}.')
+  return jnp.any(mask.reshape(num_groups, -1) != 0, axis=1)
 
 
 def group_value_and_grad(
@@ -58,15 +89,16 @@ def group_value_and_grad(
     *,
     has_aux: bool = False,
     argnums: Union[int, Sequence[int]] = 0,
-    batch_argnums: int = 1,
+    batch_argnums: Union[int, Sequence[int]] = 1,
     chunk_size: Optional[int] = None,
+    example_mask: Optional[Callable[..., Any]] = None,
 ) -> Callable[..., Any]:
   r"""Per-group losses and gradients of ``loss_fn`` by ``vmap``.
 
-  The batch argument (``args[batch_argnums]``) is split along axis 0 of every
-  leaf into ``num_groups`` equal contiguous groups (:func:`split_into_groups`),
-  and ``jax.value_and_grad(loss_fn)`` is mapped over the groups with every
-  other argument shared. With ``loss_fn`` the mean loss of its batch, group
+  The batch argument (``args[batch_argnums]``, or each of them for a tuple) is
+  split along axis 0 of every leaf into ``num_groups`` equal contiguous groups
+  (:func:`split_into_groups`), and ``jax.value_and_grad(loss_fn)`` is mapped
+  over the groups with every other argument shared. With ``loss_fn`` the mean loss of its batch, group
   :math:`i` gets :math:`L_i` and :math:`g_i = \nabla L_i`, and the mean of the
   :math:`g_i` is the ordinary full-batch gradient.
 
@@ -76,19 +108,31 @@ def group_value_and_grad(
     num_groups: the number of groups ``m >= 1``; must divide the batch size.
     has_aux: as in ``jax.value_and_grad``.
     argnums: the argument(s) to differentiate, as in ``jax.value_and_grad``.
-    batch_argnums: the index of the argument to split into groups.
+    batch_argnums: the index of the argument to split into groups, or a
+      tuple of indices (e.g. ``(1, 2)`` for ``loss_fn(params, x, y)``), each
+      split the same way.
     chunk_size: if given, the groups run ``chunk_size`` at a time in sequence
       (``jax.lax.map`` with ``batch_size``), lowering activation memory;
       ``None`` maps all groups at once with ``vmap`` (fastest).
+    example_mask: for padded batches, a function of the batch argument(s)
+      returning a ``[B]`` per-example validity mask (e.g.
+      ``lambda batch: batch['mask']``). The function made then also returns
+      the ``[m]`` bool ``group_mask`` (True for groups with at least one
+      valid example), to pass on as ``tx.update(grads, state, params,
+      group_mask=group_mask)``: a group made only of padding has a zero
+      gradient, which would make the GRAIN update zero.
 
   Returns:
     A function with the signature of ``loss_fn`` returning
     ``(losses, grads)`` or ``((losses, aux), grads)``: ``losses`` is ``[m]``,
-    ``aux`` and every leaf of ``grads`` have a leading group axis ``m``.
+    ``aux`` and every leaf of ``grads`` have a leading group axis ``m``. With
+    ``example_mask``, ``(losses, grads, group_mask)`` (or
+    ``((losses, aux), grads, group_mask)``).
 
   Raises:
-    ValueError: if ``num_groups < 1`` or ``chunk_size < 1``, or (when called)
-      a batch leaf's size is not divisible by ``num_groups``.
+    ValueError: if ``num_groups < 1``, ``chunk_size < 1`` or
+      ``batch_argnums`` is bad, or (when called) a batch leaf's size is not
+      divisible by ``num_groups``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -100,15 +144,25 @@ def group_value_and_grad(
     ...     jnp.zeros(3), batch)
     >>> losses.shape, grads.shape
     ((4,), (4, 3))
+
+    A padded batch whose last group holds only padding:
+
+    >>> def masked_loss(w, batch):
+    ...   err = (batch['x'] @ w - batch['y']) ** 2 * batch['mask']
+    ...   return jnp.sum(err) / jnp.maximum(jnp.sum(batch['mask']), 1.0)
+    >>> batch['mask'] = jnp.array([1., 1., 1., 1., 1., 1., 0., 0.])
+    >>> losses, grads, group_mask = grain_optax.group_value_and_grad(
+    ...     masked_loss, 4, example_mask=lambda b: b['mask'])(jnp.zeros(3), batch)
+    >>> group_mask.tolist()
+    [True, True, True, False]
   """
-  _check_num_groups(num_groups)
-  if chunk_size is not None and (
-      not isinstance(chunk_size, int) or chunk_size < 1):
-    raise ValueError(
-        f'grain_optax: chunk_size must be None or an int >= 1, got '
-        f'{chunk_size!r}.')
+  num_groups = _check_num_groups(num_groups)
+  if chunk_size is not None:
+    chunk_size = validation.positive_int(
+        chunk_size, 'chunk_size', 'grain_optax', phrase='None or an int >= 1')
+  batch_idx = batch_indices(batch_argnums, 'grain_optax')
   diff_args = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-  if batch_argnums in diff_args:
+  if set(batch_idx) & set(diff_args):
     raise ValueError(
         f'grain_optax: batch_argnums={batch_argnums} is also differentiated '
         f'(argnums={argnums}); the batch must be a separate argument.')
@@ -116,19 +170,27 @@ def group_value_and_grad(
                                       has_aux=has_aux)
 
   def wrapped(*args, **kwargs):
-    if batch_argnums >= len(args):
+    if max(batch_idx) >= len(args):
       raise ValueError(
           f'grain_optax: batch_argnums={batch_argnums}, but only {len(args)} '
           'positional arguments were given.')
-    groups = split_into_groups(args[batch_argnums], num_groups)
+    groups = tuple(split_into_groups(args[i], num_groups) for i in batch_idx)
 
-    def one_group(group_batch):
+    def one_group(group_batches):
       group_args = list(args)
-      group_args[batch_argnums] = group_batch
+      for i, group_batch in zip(batch_idx, group_batches):
+        group_args[i] = group_batch
       return value_and_grad(*group_args, **kwargs)
 
     if chunk_size is None:
-      return jax.vmap(one_group)(groups)
-    return jax.lax.map(one_group, groups, batch_size=min(chunk_size, num_groups))
+      out = jax.vmap(one_group)(groups)
+    else:
+      out = jax.lax.map(one_group, groups,
+                        batch_size=min(chunk_size, num_groups))
+    if example_mask is None:
+      return out
+    mask = group_mask_of(example_mask, [args[i] for i in batch_idx],
+                         num_groups, 'grain_optax.group_value_and_grad')
+    return out + (mask,)
 
   return wrapped

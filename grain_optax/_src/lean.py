@@ -61,8 +61,9 @@ def grain_value_and_grad(
     *,
     has_aux: bool = False,
     argnums: Union[int, Sequence[int]] = 0,
-    batch_argnums: int = 1,
+    batch_argnums: Union[int, Sequence[int]] = 1,
     chunk_size: Optional[int] = None,
+    example_mask: Optional[Callable[..., Any]] = None,
     solver: str = 'exact',
     tolerance: Optional[float] = None,
     max_iterations: Optional[int] = None,
@@ -97,6 +98,12 @@ def grain_value_and_grad(
   ``grads`` and no branch is needed. If every group is non-finite ``grads``
   is all zeros.
 
+  Padded batches: a group made only of padding has a zero gradient, which puts
+  0 in the convex hull and makes ``grads`` zero. Give ``example_mask`` (a
+  function of the batch returning the ``[B]`` per-example validity mask):
+  groups without a valid example are then excluded (weight 0, not counted in
+  ``num_nonfinite``); if no group has one, ``grads`` is zero.
+
   Args:
     loss_fn: ``loss_fn(params, batch, *rest) -> loss`` (or ``(loss, aux)``
       with ``has_aux=True``); a scalar loss, typically the mean over the
@@ -104,9 +111,13 @@ def grain_value_and_grad(
     num_groups: the number of groups ``m >= 1``; must divide the batch size.
     has_aux: as in ``jax.value_and_grad``.
     argnums: the argument(s) to differentiate.
-    batch_argnums: the index of the argument to split into groups.
+    batch_argnums: the index of the argument to split into groups, or a
+      tuple of indices, each split the same way.
     chunk_size: if given, the first pass runs ``chunk_size`` groups at a time
       (``jax.lax.map``), lowering its activation memory.
+    example_mask: optional function of the batch argument(s) returning a
+      ``[B]`` per-example validity mask; groups with no valid example are
+      excluded (see above).
     solver: QP solver, see :func:`min_norm_weights`.
     tolerance: solver tolerance, see :func:`min_norm_weights`.
     max_iterations: solver iteration cap, see :func:`min_norm_weights`.
@@ -137,22 +148,25 @@ def grain_value_and_grad(
     >>> tx = optax.sgd(0.1)
     >>> updates, _ = tx.update(out.grads, tx.init(jnp.zeros(4)))
   """
-  grouping._check_num_groups(num_groups)  # pylint: disable=protected-access
+  caller = 'grain_optax.grain_value_and_grad'
+  num_groups = grouping._check_num_groups(num_groups)  # pylint: disable=protected-access
   if solver not in solvers.SOLVERS:
     raise ValueError(
-        f'grain_optax.grain_value_and_grad: unknown solver {solver!r}; choose '
-        f'one of {solvers.SOLVERS}.')
+        f'{caller}: unknown solver {solver!r}; choose one of '
+        f'{solvers.SOLVERS}.')
   per_group_fn = grouping.group_value_and_grad(
       loss_fn, num_groups, has_aux=has_aux, argnums=argnums,
       batch_argnums=batch_argnums, chunk_size=chunk_size)
+  batch_idx = grouping.batch_indices(batch_argnums, caller)
   multiple = not isinstance(argnums, int)
   diff_args = tuple(argnums) if multiple else (argnums,)
 
   def group_losses(args, kwargs, groups):
     """``[m]`` losses, the differentiated args shared by all groups."""
-    def one(group):
+    def one(group_batches):
       group_args = list(args)
-      group_args[batch_argnums] = group
+      for i, group in zip(batch_idx, group_batches):
+        group_args[i] = group
       out = loss_fn(*group_args, **kwargs)
       return out[0] if has_aux else out
     return jax.vmap(one)(groups)
@@ -170,19 +184,24 @@ def grain_value_and_grad(
     return grads if multiple else grads[0]
 
   def wrapped(*args, **kwargs):
-    if batch_argnums >= len(args):
+    if max(batch_idx) >= len(args):
       raise ValueError(
-          f'grain_optax.grain_value_and_grad: batch_argnums={batch_argnums}, '
+          f'{caller}: batch_argnums={batch_argnums}, '
           f'but only {len(args)} positional arguments were given.')
     (out, per_group) = per_group_fn(*args, **kwargs)
     losses, aux = (out if has_aux else (out, None))
     gram = gram_lib.gram_matrix(per_group)
+    mask = None
+    if example_mask is not None:
+      mask = grouping.group_mask_of(
+          example_mask, [args[i] for i in batch_idx], num_groups, caller)
     sol = solvers.min_norm_weights(
-        gram, solver=solver, tolerance=tolerance,
+        gram, solver=solver, mask=mask, tolerance=tolerance,
         max_iterations=max_iterations, regularization=regularization)
     weights = jax.lax.stop_gradient(sol.weights)
-    valid = jnp.isfinite(jnp.diagonal(gram))
-    groups = grouping.split_into_groups(args[batch_argnums], num_groups)
+    _, valid, _ = solvers.normalize_gram(gram, mask)
+    groups = tuple(grouping.split_into_groups(args[i], num_groups)
+                   for i in batch_idx)
     # A non-finite group (weight 0) would still put 0 * NaN into the second
     # pass; give it the examples of the heaviest group instead (still with
     # weight 0). Branch-free: no lax.cond, so no host round trip on a GPU.
@@ -197,7 +216,8 @@ def grain_value_and_grad(
     return GrainGrad(
         losses=losses, grads=grads, weights=sol.weights, gram=gram,
         kkt_residual=sol.kkt_residual, num_iterations=sol.num_iterations,
-        num_nonfinite=(num_groups - jnp.sum(valid)).astype(jnp.int32),
+        num_nonfinite=((num_groups if mask is None else jnp.sum(mask))
+                       - jnp.sum(valid)).astype(jnp.int32),
         aux=aux)
 
   return wrapped

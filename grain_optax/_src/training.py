@@ -4,7 +4,7 @@ Flax is imported only inside :func:`nnx_group_value_and_grad`, so the rest of
 the package never needs it.
 """
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import jax
 
@@ -19,6 +19,7 @@ def nnx_group_value_and_grad(
     *,
     wrt: Any = None,
     has_aux: bool = False,
+    example_mask: Optional[Callable[[Any], Any]] = None,
 ) -> Callable[..., Any]:
   r"""Per-group losses and gradients of a Flax NNX module, for :func:`grain`.
 
@@ -52,14 +53,21 @@ def nnx_group_value_and_grad(
     wrt: an ``nnx`` filter of the variables to differentiate; default
       ``nnx.Param``. Use the same filter as the ``nnx.Optimizer``.
     has_aux: as in ``nnx.value_and_grad``.
+    example_mask: for padded batches, a function of ``batch`` returning its
+      ``[B]`` per-example validity mask; the function made then also returns
+      the ``[m]`` bool ``group_mask`` to pass on as
+      ``optimizer.update(model, grads, group_mask=group_mask)`` (see
+      :func:`group_value_and_grad`).
 
   Returns:
     A function ``(model, batch, *args) -> (losses, grads)`` or
     ``((losses, aux), grads)``: ``losses`` is ``[m]``; ``aux`` and every leaf
     of the ``nnx.State`` ``grads`` have a leading group axis ``m``. Extra
-    positional ``args`` are shared by all groups.
+    positional ``args`` are shared by all groups. With ``example_mask``, a
+    third element ``group_mask``.
 
   Raises:
+    ImportError: if Flax is not installed (``pip install grain_optax[flax]``).
     ValueError: if ``num_groups < 1``; when called, if a batch leaf's size is
       not divisible by ``num_groups`` (naming the leaf) or ``loss_fn`` updates
       shared module state.
@@ -82,9 +90,14 @@ def nnx_group_value_and_grad(
     >>> int(optimizer.step[...])
     1
   """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+  try:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        'grain_optax.nnx_group_value_and_grad needs Flax: '
+        'pip install grain_optax[flax]  (or: pip install flax).') from e
 
-  grouping._check_num_groups(num_groups)  # pylint: disable=protected-access
+  num_groups = grouping._check_num_groups(num_groups)  # pylint: disable=protected-access
   if wrt is None:
     wrt = nnx.Param
   grad_fn = nnx.value_and_grad(
@@ -101,7 +114,7 @@ def nnx_group_value_and_grad(
       return grad_fn(model, group, *args)
 
     try:
-      return per_group(model, groups, *args)
+      out = per_group(model, groups, *args)
     except ValueError as e:
       if 'out_axes' not in str(e):
         raise
@@ -111,6 +124,11 @@ def nnx_group_value_and_grad(
           'statistics in training mode; the groups cannot each update one '
           'shared copy. Call model.eval() (or set use_running_average=True), '
           f'or use a per-example normalisation. Flax said: {e}') from e
+    if example_mask is None:
+      return out
+    mask = grouping.group_mask_of(example_mask, [batch], num_groups,
+                                  'grain_optax.nnx_group_value_and_grad')
+    return out + (mask,)
 
   return wrapped
 

@@ -4,6 +4,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from grain_optax._src import combine as combine_lib
@@ -64,6 +65,9 @@ def _statistics(k, weights, valid):
   def worst_cosine(w):
     kw = jnp.dot(k, w, precision=jax.lax.Precision.HIGHEST)
     sq = jnp.maximum(jnp.dot(w, kw, precision=jax.lax.Precision.HIGHEST), 0.0)
+    # k has unit largest diagonal: below ||d|| = 1e-6 max_i ||g_i|| (the
+    # solver's float32 floor), d is 0 and its direction is rounding noise.
+    sq = jnp.where(sq > 1e-12, sq, 0.0)
     denom = jnp.sqrt(sq) * norms
     cos = jnp.where(valid & (denom > 0), kw / jnp.where(denom > 0, denom, 1.0),
                     jnp.inf)
@@ -109,6 +113,8 @@ def solution_state(previous: GrainState, gram, solution, *, mask=None,
       not counted as non-finite.
     record_weights: store ``solution.weights`` in the state.
   """
+  mask = validation.group_mask(mask, gram.shape[0],
+                               'grain_optax.solution_state')
   k, valid, _ = solvers.normalize_gram(gram, mask)
   ratio, min_cos, mean_min_cos = _statistics(k, solution.weights, valid)
   considered = gram.shape[0] if mask is None else jnp.sum(mask)
@@ -124,9 +130,92 @@ def solution_state(previous: GrainState, gram, solution, *, mask=None,
   )
 
 
+def make_solve(*, solver: str, tolerance: Any, max_iterations: Any,
+               regularization: Any, stepsize: Any, caller: str):
+  """``solve(gram, mask=None) -> MinNormSolution`` for the given options.
+
+  The numeric options may be arrays, as ``optax.inject_hyperparams`` makes
+  them (traced inside ``jit``); :func:`min_norm_weights` takes them so, except
+  the projected-gradient solver's iteration cap, which jaxopt needs static.
+
+  Raises:
+    ValueError: for an unknown solver, or ``'projected_gradient'`` with a
+      ``max_iterations`` that is not a Python int.
+  """
+  if solver not in solvers.SOLVERS:
+    raise ValueError(
+        f'{caller}: unknown solver {solver!r}; choose one of '
+        f'{solvers.SOLVERS}.')
+  if validation.is_int_like(max_iterations):
+    max_iterations = validation.positive_int(max_iterations, 'max_iterations',
+                                             caller)
+  elif max_iterations is not None and solver == 'projected_gradient':
+    raise ValueError(
+        f"{caller}: with solver='projected_gradient', max_iterations must "
+        f'be a Python int (jaxopt needs a static loop bound), got '
+        f'{max_iterations!r}. With optax.inject_hyperparams, pass '
+        "static_args=('max_iterations',).")
+
+  def solve(gram, mask=None):
+    return solvers.min_norm_weights(
+        gram, solver=solver, mask=mask, tolerance=tolerance,
+        max_iterations=max_iterations, regularization=regularization,
+        stepsize=stepsize)
+
+  return solve
+
+
+def _leaf_flags(mask, updates, params, caller):
+  """The ``mask`` option as one static bool per leaf of ``updates``."""
+  if callable(mask):
+    if params is None:
+      raise ValueError(
+          f'{caller}: mask is a function of the params, so update needs them: '
+          'tx.update(updates, state, params).')
+    mask = mask(params)
+  try:
+    full = jax.tree_util.tree_map(
+        lambda flag, sub: jax.tree_util.tree_map(lambda _: flag, sub),
+        mask, updates)
+  except ValueError as e:
+    raise ValueError(
+        f'{caller}: mask must have the tree structure of the params (or be a '
+        f'prefix of it), with a bool per leaf or subtree. {e}') from None
+  flags = []
+  for path, entry in jax.tree_util.tree_flatten_with_path(full)[0]:
+    flag = None
+    if isinstance(entry, (bool, np.bool_)) or (
+        np.shape(entry) == () and getattr(entry, 'dtype', None) == np.bool_):
+      try:
+        flag = bool(entry)
+      except jax.errors.ConcretizationTypeError:
+        pass
+    if flag is None:
+      raise ValueError(
+          f'{caller}: mask entry for leaf {validation.leaf_name(path)} is '
+          f'{entry!r}; the mask must hold Python bools (it decides shapes at '
+          'trace time). With optax.inject_hyperparams, pass '
+          "static_args=('mask',).")
+    flags.append(flag)
+  if not any(flags):
+    raise ValueError(f'{caller}: mask is False for every leaf; nothing to '
+                     'train.')
+  return flags
+
+
+def _full_group_mask(plan, local_mask, local):
+  """Inside shard_map: the ``[m]`` mask of all groups, device-major."""
+  index = jax.lax.axis_index(plan.axes)
+  full = jnp.zeros([local * plan.size], jnp.int32)
+  full = jax.lax.dynamic_update_slice(
+      full, local_mask.astype(jnp.int32), (index * local,))
+  return jax.lax.psum(full, plan.axes) > 0
+
+
 def grain(
     *,
     num_groups: Optional[int] = None,
+    mask: Any = None,
     solver: str = 'exact',
     tolerance: Optional[float] = None,
     max_iterations: Optional[int] = None,
@@ -156,20 +245,45 @@ def grain(
 
   Non-finite groups: a group whose gradient holds NaN or infinity is excluded
   (weight 0, contributing exactly zero) and counted in
-  ``state.num_nonfinite``; if every group is non-finite the update is all
-  zeros. NaN never reaches the update from a non-finite group.
+  ``state.num_nonfinite``; NaN never reaches the update from a non-finite
+  group while another group is finite. If every group that takes part is
+  non-finite, the update is all NaN (as the plain mean would be), so that
+  ``optax.chain(grain(), optax.apply_if_finite(inner, n))`` sees the step and
+  skips it.
+
+  Empty groups: the update is 0 whenever 0 lies in the convex hull of the
+  groups, e.g. when one group's gradient is zero because all its examples are
+  padding. Pass ``group_mask`` to ``update`` (``[m]`` bool, False for groups
+  to leave out) to exclude such groups: they get weight 0 and are not counted
+  as non-finite; if no group takes part the update is zero.
+
+  A subset of the parameters (frozen backbone, LoRA, linear probing): give
+  ``mask``. Leaves where it is False are left out of the Gram matrix and get
+  a zero update; keep the optimizer off them too (weight decay would move
+  them) with ``optax.masked(inner, mask)`` after ``grain``. ``grain`` itself
+  cannot go inside ``optax.masked``, ``optax.multi_transform``,
+  ``optax.apply_if_finite`` or ``optax.MultiSteps`` (those pass on or return
+  per-group updates): that raises a ``ValueError`` saying what to write.
 
   Args:
-    num_groups: the number of groups :math:`m`. Optional; when given, the
-      state records the weights of each step (``state.weights``) and ``update``
-      checks the group count. With :func:`optax.inject_hyperparams`, list it in
-      ``static_args``.
+    num_groups: the number of groups :math:`m` (an int or a NumPy integer).
+      Optional; when given, the state records the weights of each step
+      (``state.weights``) and ``update`` checks the group count. With
+      :func:`optax.inject_hyperparams`, list it in ``static_args``.
+    mask: the parameters to train, as in ``optax.masked``: a tree of bools
+      with the structure of the params (or a prefix of it), or a function of
+      the params returning one (``update`` then needs ``params``). None
+      (default): all of them. With :func:`optax.inject_hyperparams`, list it
+      in ``static_args``.
     solver: ``'exact'`` (active set; default) or ``'projected_gradient'``
       (jaxopt). See :func:`min_norm_weights`.
     tolerance: solver tolerance (see :func:`min_norm_weights`); may be injected.
-    max_iterations: solver iteration cap (see :func:`min_norm_weights`).
+    max_iterations: solver iteration cap (see :func:`min_norm_weights`); with
+      ``'projected_gradient'`` and :func:`optax.inject_hyperparams`, list it in
+      ``static_args``.
     regularization: ridge for the exact solver; may be injected.
-    stepsize: fixed step for the projected-gradient solver, 0 for line search.
+    stepsize: fixed step for the projected-gradient solver, 0 for line search;
+      may be injected.
     axis_name: the mesh axis (or tuple of axes) the groups are spread over:
       inside ``jax.shard_map`` a manual axis, each device passing its own
       ``[k, *param_shape]`` groups (``num_groups`` then counts all
@@ -188,8 +302,20 @@ def grain(
       is read from ``params``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; its ``update`` accepts and
-    ignores extra keyword arguments.
+    An ``optax.GradientTransformationExtraArgs``. Its
+    ``update(updates, state, params=None, *, group_mask=None, **extra_args)``
+    takes an optional ``[m]`` bool ``group_mask`` (inside ``jax.shard_map``,
+    each device's ``[k]`` mask of its own groups) and ignores other extra
+    keyword arguments. Pass ``params``: per-group updates that are not
+    ``params`` with a leading group axis (e.g. an ordinary gradient) are then
+    rejected at trace time.
+
+  Raises:
+    ValueError: at construction, for a bad ``num_groups`` or an unknown
+      solver; when ``update`` is traced, for updates that do not match each
+      other or ``params`` (naming the leaf and its shape), complex leaves, a
+      ``group_mask`` of the wrong shape, a bad ``mask``, or ``grain`` inside
+      a wrapper that cannot carry per-group updates.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -203,17 +329,30 @@ def grain(
     [-0.08, -0.04]
     >>> [round(float(w), 4) for w in state[0].weights]
     [0.8, 0.2]
+
+    Only some parameters trained, and one group left out by ``group_mask``:
+
+    >>> params = {'head': jnp.zeros(2), 'body': jnp.zeros(3)}
+    >>> trainable = {'head': True, 'body': False}
+    >>> tx = optax.chain(grain_optax.grain(mask=trainable),
+    ...                  optax.masked(optax.adamw(0.1), trainable))
+    >>> per_group = {'head': jnp.array([[1., 0.], [0., 2.], [0., 0.]]),
+    ...              'body': jnp.ones((3, 3))}
+    >>> updates, state = tx.update(per_group, tx.init(params), params,
+    ...                            group_mask=jnp.array([True, True, False]))
+    >>> updates['body'].tolist()
+    [0.0, 0.0, 0.0]
   """
-  if num_groups is not None and (
-      not isinstance(num_groups, int) or num_groups < 1):
-    raise ValueError(
-        f'grain_optax.grain: num_groups must be a positive int, got '
-        f'{num_groups!r} (with optax.inject_hyperparams, pass '
-        "static_args=('num_groups',)).")
-  if solver not in solvers.SOLVERS:
-    raise ValueError(
-        f'grain_optax.grain: unknown solver {solver!r}; choose one of '
-        f'{solvers.SOLVERS}.')
+  caller = 'grain_optax.grain'
+  if num_groups is not None:
+    num_groups = validation.positive_int(
+        num_groups, 'num_groups', caller, phrase='a positive int',
+        hint=(" (with optax.inject_hyperparams, pass "
+              "static_args=('num_groups',))"))
+  solve = make_solve(solver=solver, tolerance=tolerance,
+                     max_iterations=max_iterations,
+                     regularization=regularization, stepsize=stepsize,
+                     caller=caller)
 
   def init_fn(params):
     del params
@@ -222,39 +361,81 @@ def grain(
   sharding_lib.axes_tuple(axis_name, 'axis_name')
   sharding_lib.axes_tuple(param_axis_name, 'param_axis_name')
 
-  def solve(gram):
-    return solvers.min_norm_weights(
-        gram, solver=solver, tolerance=tolerance,
-        max_iterations=max_iterations, regularization=regularization,
-        stepsize=stepsize)
-
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, group_mask=None,
+                **extra_args):
     del extra_args
+    validation.check_not_masked(updates, caller)
+    validation.check_not_in_conditional(caller)
     m = validation.group_count(updates)
     if params is not None:
       validation.check_matches_params(updates, params)
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    flags = (None if mask is None
+             else _leaf_flags(mask, updates, params, caller))
+    if flags is None:
+      sub_updates, sub_params, sub_sharding = updates, params, param_sharding
+    else:
+      # GRAIN on the trainable leaves only: lists of the selected leaves.
+      pick = lambda xs: [x for x, f in zip(xs, flags) if f]
+      sub_updates = pick(leaves)
+      sub_params = (None if params is None
+                    else pick(jax.tree_util.tree_leaves(params)))
+      sub_sharding = param_sharding
+      if param_sharding is not None:
+        is_spec = lambda x: isinstance(x, (jax.sharding.PartitionSpec,
+                                           jax.sharding.NamedSharding))
+        sub_sharding = pick(jax.tree_util.tree_leaves(
+            param_sharding, is_leaf=lambda x: x is None or is_spec(x)))
     plan = sharding_lib.make_plan(
-        updates, axis_name=axis_name, param_axis_name=param_axis_name,
-        mesh=mesh, param_sharding=param_sharding, params=params,
-        caller='grain_optax.grain')
+        sub_updates, axis_name=axis_name, param_axis_name=param_axis_name,
+        mesh=mesh, param_sharding=sub_sharding, params=sub_params,
+        caller=caller)
     if plan is not None and plan.kind == 'manual':
       local, m = m, plan.num_groups(m)
       if num_groups is not None and m != num_groups:
         raise ValueError(
-            f'grain_optax.grain: each device has {local} groups on axis 0 and '
+            f'{caller}: each device has {local} groups on axis 0 and '
             f'axis {plan.axes} has {plan.size} devices, {m} groups in all, '
             f'but grain(num_groups={num_groups}) was asked for.')
-    elif num_groups is not None and m != num_groups:
-      raise ValueError(
-          f'grain_optax.grain: the updates have {m} groups on axis 0, but '
-          f'grain(num_groups={num_groups}) was asked for.')
-    if plan is None:
-      gram = gram_lib.gram_matrix(updates)
-      sol = solve(gram)
-      new_updates = combine_lib.combine(updates, sol.weights)
+      g_mask = validation.group_mask(group_mask, local, caller)
+      if g_mask is not None and plan.axes:
+        g_mask = _full_group_mask(plan, g_mask, local)
     else:
-      new_updates, sol, gram = sharding_lib.run(plan, updates, solve)
-    new_state = solution_state(state, gram, sol,
+      if num_groups is not None and m != num_groups:
+        raise ValueError(
+            f'{caller}: the updates have {m} groups on axis 0, but '
+            f'grain(num_groups={num_groups}) was asked for.')
+      g_mask = validation.group_mask(group_mask, m, caller)
+    masked_solve = lambda gram: solve(gram, g_mask)
+    if plan is None:
+      gram = gram_lib.gram_matrix(sub_updates)
+      sol = masked_solve(gram)
+      new_sub = combine_lib.combine(sub_updates, sol.weights)
+    else:
+      new_sub, sol, gram = sharding_lib.run(plan, sub_updates, masked_solve)
+    # Every group that takes part is non-finite: a NaN update, so that
+    # apply_if_finite (or the user) sees the step instead of a silent zero.
+    _, valid, _ = solvers.normalize_gram(gram, g_mask)
+    taking_part = jnp.any(g_mask) if g_mask is not None else True
+    all_nonfinite = taking_part & ~jnp.any(valid)
+    new_sub = jax.tree_util.tree_map(
+        lambda u: jnp.where(all_nonfinite, jnp.nan, u)
+        if jnp.issubdtype(u.dtype, jnp.inexact) else u, new_sub)
+    if flags is None:
+      new_updates = new_sub
+    else:
+      p_leaves = (None if params is None
+                  else jax.tree_util.tree_leaves(params))
+      out, done = [], iter(new_sub)
+      for i, (leaf, f) in enumerate(zip(leaves, flags)):
+        if f:
+          out.append(next(done))
+        elif p_leaves is not None:
+          out.append(jnp.zeros_like(p_leaves[i], dtype=leaf.dtype))
+        else:
+          out.append(jnp.zeros(leaf.shape[1:], leaf.dtype))
+      new_updates = jax.tree_util.tree_unflatten(treedef, out)
+    new_state = solution_state(state, gram, sol, mask=g_mask,
                                record_weights=num_groups is not None)
     return new_updates, new_state
 
