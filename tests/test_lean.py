@@ -10,6 +10,14 @@ import pytest
 import grain_optax
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  # The comparisons below need float32 matmuls in the losses; GPUs default to
+  # TF32 (about 1e-3 relative error), which the two routes round differently.
+  with jax.default_matmul_precision('highest'):
+    yield
+
+
 def mlp_loss(params, batch):
   h = jnp.tanh(batch['x'] @ params['w1'] + params['b1'])
   return jnp.mean((h @ params['w2'] - batch['y']) ** 2)
