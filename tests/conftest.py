@@ -16,6 +16,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+# On GPUs, several pytest-xdist workers share a device: allocate on demand
+# instead of each reserving 75% of its memory.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 
 import hypothesis  # pylint: disable=g-import-not-at-top
 

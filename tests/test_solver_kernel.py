@@ -64,3 +64,18 @@ def test_kernel_excludes_non_finite_groups():
   assert float(kernel.weights[2]) == 0.0
   np.testing.assert_allclose(float(jnp.sum(kernel.weights)), 1.0, atol=1e-6)
   assert float(kernel.kkt_residual) <= 1e-6
+
+
+def test_kernel_probe_runs_eagerly_inside_a_trace():
+  # On GPUs the kernel is probed once, while the first training step is being
+  # traced; the probe must run eagerly there (a worker thread) and succeed.
+  import concurrent.futures
+
+  @jax.jit
+  def step(k):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      w = pool.submit(solvers._probe_pallas, True).result()
+    np.testing.assert_allclose(w / w.sum(), [0.9, 0.1], atol=1e-5)
+    return k
+
+  step(jnp.ones(2))

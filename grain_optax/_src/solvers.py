@@ -14,6 +14,7 @@ hull of the group gradients. Optimality (KKT) needs only :math:`K`:
 group.
 """
 
+import concurrent.futures
 import contextlib
 import functools
 import os
@@ -434,6 +435,21 @@ def _gpu_present() -> bool:
     return False
 
 
+def _probe_pallas(interpret: bool = False) -> np.ndarray:
+  """Builds and runs the kernel on a 2-group problem whose answer is known."""
+  k = np.array([[1.0, 0.0], [0.0, 9.0]], np.float32)
+  if not interpret:
+    k = jax.device_put(k, jax.devices('gpu')[0])
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    w, _ = jax.jit(lambda k: _exact_pallas(
+        k, jnp.ones(2, jnp.float32), 1e-7, 1e-7, 32, interpret=interpret))(k)
+    w = np.asarray(w)
+  if not np.allclose(w / w.sum(), [0.9, 0.1], atol=1e-5):
+    raise RuntimeError(f'the kernel returned {w}, expected [0.9, 0.1]')
+  return w
+
+
 @functools.lru_cache(maxsize=None)
 def _pallas_usable() -> bool:
   """Whether the Pallas kernel compiles, runs and is right on this GPU.
@@ -441,18 +457,13 @@ def _pallas_usable() -> bool:
   Checked once per process on a 2-group problem with a known answer. Pallas'
   GPU backends change between JAX releases (the Triton one is deprecated):
   where the kernel cannot be built, the exact solver runs under XLA instead,
-  with a warning, rather than failing the training step.
+  with a warning, rather than failing the training step. The probe runs in
+  a worker thread: this is called while a training step is being traced, and
+  tracing contexts are per thread, so the probe runs eagerly there.
   """
   try:
-    gpu = jax.devices('gpu')[0]
-    k = jax.device_put(np.array([[1.0, 0.0], [0.0, 9.0]], np.float32), gpu)
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore')
-      w, _ = jax.jit(lambda k: _exact_pallas(
-          k, jnp.ones(2, jnp.float32), 1e-7, 1e-7, 32))(k)
-      w = np.asarray(w)
-    if not np.allclose(w / w.sum(), [0.9, 0.1], atol=1e-5):
-      raise RuntimeError(f'the kernel returned {w}, expected [0.9, 0.1]')
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pool.submit(_probe_pallas).result()
     return True
   except Exception as e:  # pylint: disable=broad-except
     warnings.warn(
