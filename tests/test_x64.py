@@ -2,9 +2,10 @@
 
 x64 mode changes the default dtypes inside loops and conditionals, where the
 carries and branch outputs must keep their types. It is process-wide, so the
-checks run in one fresh process (this file run as a script, on 2 CPU devices
-for the sharded case), never in the pytest worker; each test reads its
-check's outcome.
+checks run in one fresh process (this file run as a script, on this
+process's platform: the GPU kernel too on a GPU machine; the sharded case on
+2 CPU devices), never in the pytest worker; each test reads its check's
+outcome.
 """
 
 import json
@@ -138,14 +139,15 @@ def check_lean(dtype, non_finite):
 
 
 def check_sharded(dtype):
-  mesh = jax.make_mesh((2,), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.sharding.Mesh(np.array(jax.devices('cpu')[:2]), ('data',),
+                           axis_types=(jax.sharding.AxisType.Auto,))
   tx = grain_optax.grain(num_groups=4, axis_name='data', mesh=mesh)
-  per_group = {'w': jnp.asarray(np.concatenate([GROUPS, GROUPS]), dtype)}
+  spec = jax.sharding.PartitionSpec
   per_group = jax.device_put(
-      per_group, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-          'data')))
-  params = {'w': jnp.zeros(2, dtype)}
+      {'w': jnp.asarray(np.concatenate([GROUPS, GROUPS]), dtype)},
+      jax.sharding.NamedSharding(mesh, spec('data')))
+  params = jax.device_put({'w': jnp.zeros(2, dtype)},
+                          jax.sharding.NamedSharding(mesh, spec()))
   updates, state = jax.jit(tx.update)(per_group, tx.init(params), params)
   assert updates['w'].dtype == dtype
   np.testing.assert_allclose(np.asarray(updates['w']), D, rtol=1e-5)
@@ -197,7 +199,10 @@ def run_checks(out):
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
   out = tmp_path_factory.mktemp('x64') / 'results.json'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_ENABLE_X64='1')
+  env = dict(os.environ, JAX_ENABLE_X64='1')
+  env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # GPU shared
+  if env.get('JAX_PLATFORMS') and 'cpu' not in env['JAX_PLATFORMS']:
+    env['JAX_PLATFORMS'] += ',cpu'  # the sharded check's devices
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                       ' --xla_force_host_platform_device_count=2')
   proc = subprocess.run([sys.executable, __file__, str(out)], env=env,
