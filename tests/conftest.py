@@ -31,3 +31,14 @@ hypothesis.settings.register_profile(
     database=None, print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.load_profile('ci')
+
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+  """Tests compare numbers at float32 precision; GPUs default to TF32."""
+  with jax.default_matmul_precision('highest'):
+    yield
