@@ -41,7 +41,7 @@ class GrainGrad(NamedTuple):
       :func:`kkt_residual`).
     num_iterations: ``[]`` int32 iterations of the QP solver.
     num_nonfinite: ``[]`` int32 groups excluded because their gradient held
-      NaN or infinity.
+      NaN or infinity (groups left out by ``example_mask`` are not counted).
     aux: the auxiliary output of ``loss_fn`` with a leading group axis when
       ``has_aux=True`` (from the first pass), else None.
   """
