@@ -163,3 +163,38 @@ def test_group_mask_of_the_wrong_shape_is_rejected():
   tx = grain_optax.grain()
   with pytest.raises(ValueError, match=r'group_mask has shape \(2,\).*3 groups'):
     tx.update(g, tx.init(None), group_mask=jnp.array([True, False]))
+
+
+def test_accumulate_leaves_out_a_masked_micro_batch():
+  params = {'w': jnp.zeros(2)}
+  tx = grain_optax.accumulate(optax.sgd(1.0), every_k=3)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  # An all-padding micro-batch has a zero gradient; left out with
+  # microbatch_mask=False, the window's min-norm point is that of the others.
+  _, state = step({'w': jnp.array([1.0, 0.0])}, state, params)
+  _, state = step({'w': jnp.zeros(2)}, state, params,
+                  microbatch_mask=jnp.array(False))
+  u, state = step({'w': jnp.array([0.0, 2.0])}, state, params)
+  np.testing.assert_allclose(u['w'], [-0.8, -0.4], atol=1e-6)
+  np.testing.assert_allclose(state.stats.weights, [0.8, 0.0, 0.2], atol=1e-6)
+  assert int(state.stats.num_nonfinite) == 0
+  # The mask belongs to its window only: the next window uses every slot.
+  for g in ([1.0, 0.0], [0.0, 1.0], [1.0, 1.0]):
+    u, state = step({'w': jnp.array(g)}, state, params)
+  np.testing.assert_allclose(state.stats.weights, [0.5, 0.5, 0.0], atol=1e-6)
+  with pytest.raises(ValueError, match='microbatch_mask must be a scalar'):
+    tx.update({'w': jnp.zeros(2)}, state, params, microbatch_mask=jnp.ones(2))
+
+
+def test_accumulate_hands_nan_to_inner_when_a_whole_window_is_non_finite():
+  params = {'w': jnp.ones(2)}
+  inner = optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=3)
+  tx = grain_optax.accumulate(inner, every_k=2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  _, state = step({'w': jnp.array([jnp.nan, 0.0])}, state, params)
+  u, state = step({'w': jnp.array([jnp.inf, 1.0])}, state, params)
+  assert int(state.inner_state.notfinite_count) == 1
+  np.testing.assert_array_equal(u['w'], np.zeros(2))
+  assert int(state.stats.num_nonfinite) == 2

@@ -102,13 +102,20 @@ def test_non_finite_groups_are_excluded_and_never_reach_the_update():
   assert_trees_close(out.grads, d, rtol=1e-5, atol=1e-6)
 
 
-def test_all_groups_non_finite_gives_zero_update():
+def test_all_groups_non_finite_gives_a_nan_update_that_apply_if_finite_skips():
   params, batch = setup(6)
   batch = dict(batch, y=jnp.full_like(batch['y'], jnp.nan))
   out = jax.jit(grain_optax.grain_value_and_grad(mlp_loss, 4))(params, batch)
   assert int(out.num_nonfinite) == 4
   np.testing.assert_array_equal(out.weights, np.zeros(4))
   for leaf in jax.tree_util.tree_leaves(out.grads):
+    assert np.all(np.isnan(leaf))
+  # As grain() does: visible to apply_if_finite, which skips the step.
+  tx = optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=5)
+  state = tx.init(params)
+  updates, state = tx.update(out.grads, state, params)
+  assert int(state.notfinite_count) == 1
+  for leaf in jax.tree_util.tree_leaves(updates):
     np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
 
 

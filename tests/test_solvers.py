@@ -208,6 +208,10 @@ def test_kkt_residual_measures_suboptimality():
 def test_bad_input_errors():
   with pytest.raises(ValueError, match='square'):
     grain_optax.min_norm_weights(jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match=r'mask has shape \(2,\).*expected shape \(3,\)'):
+    grain_optax.min_norm_weights(jnp.eye(3), mask=jnp.array([True, False]))
+  with pytest.raises(ValueError, match=r'mask has shape \(4,\)'):
+    grain_optax.kkt_residual(jnp.eye(3), jnp.ones(3) / 3, mask=np.ones(4, bool))
   with pytest.raises(ValueError, match='unknown solver'):
     grain_optax.min_norm_weights(jnp.eye(2), solver='newton')
 

@@ -20,6 +20,7 @@ import optax
 
 from grain_optax._src import combine as combine_lib
 from grain_optax._src import gram as gram_lib
+from grain_optax._src import solvers
 from grain_optax._src import transform
 from grain_optax._src import validation
 
@@ -39,6 +40,9 @@ class AccumulateState(NamedTuple):
       hold stale values from an earlier window, which the solver never uses.
     inner_state: the inner transformation's state; it moves only when a
       window closes.
+    in_use: ``[max_every_k]`` bool, True for the slots of the current window
+      whose gradient takes part in its min-norm point (False for a call made
+      with ``microbatch_mask=False``, e.g. an all-padding micro-batch).
     stats: a :class:`GrainState` describing the last closed window (uniform
       weights and zeros before the first): ``count`` is the number of windows
       closed so far, i.e. the number of inner steps; ``weights`` is
@@ -50,6 +54,7 @@ class AccumulateState(NamedTuple):
   mini_step: jax.Array
   buffer: Any
   inner_state: Any
+  in_use: jax.Array
   stats: transform.GrainState
 
 
@@ -139,7 +144,14 @@ def accumulate(
 
   A micro-batch gradient holding NaN or infinity gets weight 0 (counted in
   ``state.stats.num_nonfinite``); if all of a window's gradients are
-  non-finite, ``inner`` receives zeros.
+  non-finite, ``inner`` receives NaN (as with the plain mean), so that an
+  inner ``optax.apply_if_finite`` skips that step.
+
+  A micro-batch that must not count (all padding: its zero gradient would
+  put 0 in the hull and make :math:`d = 0`) is passed with
+  ``update(..., microbatch_mask=False)``: it fills its slot of the window but
+  takes no part in the min-norm point (weight 0, not counted as non-finite).
+  If no gradient of a window takes part, ``inner`` receives zeros.
 
   Args:
     inner: the transformation to step once per window (e.g.
@@ -242,13 +254,26 @@ def accumulate(
         mini_step=jnp.zeros([], jnp.int32),
         buffer=jax.tree_util.tree_map(slots, params),
         inner_state=inner.init(params),
+        in_use=jnp.zeros([num_slots], bool),
         stats=transform.initial_state(num_slots),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(updates, state, params=None, *, microbatch_mask=None,
+                **extra_args):
     _check_updates(updates, state.buffer)
     k = _window_size(every_k, num_slots, state.stats.count)
     slot = state.mini_step
+    if microbatch_mask is None:
+      take_part = jnp.ones([], bool)
+    else:
+      if np.shape(microbatch_mask) != ():
+        raise ValueError(
+            'grain_optax.accumulate: microbatch_mask must be a scalar bool '
+            '(False: this call\'s gradient takes no part in the window), got '
+            f'shape {np.shape(microbatch_mask)}.')
+      take_part = jnp.asarray(microbatch_mask).astype(bool)
+    in_use = jnp.where(slot == 0, jnp.zeros_like(state.in_use), state.in_use)
+    in_use = jnp.where(jnp.arange(num_slots) == slot, take_part, in_use)
     buffer = jax.tree_util.tree_map(
         lambda b, u: jax.lax.dynamic_update_index_in_dim(
             b, jnp.asarray(u).astype(b.dtype), slot, 0),
@@ -263,10 +288,16 @@ def accumulate(
     out_struct = jax.eval_shape(step_inner, updates, state.inner_state)
 
     def close_window():
-      in_window = jnp.arange(num_slots) < filled
+      in_window = (jnp.arange(num_slots) < filled) & in_use
       gram = gram_lib.gram_matrix(buffer)
       sol = solve(gram, in_window)
       d = combine_lib.combine(buffer, sol.weights)
+      # Every gradient that takes part is non-finite: NaN for inner (as
+      # grain() does), so that an inner optax.apply_if_finite skips the step.
+      _, valid, _ = solvers.normalize_gram(gram, in_window)
+      all_nonfinite = jnp.any(in_window) & ~jnp.any(valid)
+      d = jax.tree_util.tree_map(
+          lambda x: jnp.where(all_nonfinite, jnp.nan, x), d)
       d = jax.tree_util.tree_map(
           lambda x, u: x.astype(jnp.asarray(u).dtype), d, updates)
       new_updates, new_inner = step_inner(d, state.inner_state)
@@ -286,6 +317,7 @@ def accumulate(
         mini_step=jnp.where(close, 0, filled).astype(jnp.int32),
         buffer=buffer,
         inner_state=inner_state,
+        in_use=in_use,
         stats=stats,
     )
     return new_updates, new_state

@@ -96,7 +96,8 @@ def grain_value_and_grad(
   (weight 0); in the second pass its examples are replaced by those of the
   group of largest weight (still with weight 0), so that no NaN reaches
   ``grads`` and no branch is needed. If every group is non-finite ``grads``
-  is all zeros.
+  is all NaN, as the plain mean's would be and as :func:`grain` returns, so
+  that ``optax.apply_if_finite`` skips the step.
 
   Padded batches: a group made only of padding has a zero gradient, which puts
   0 in the convex hull and makes ``grads`` zero. Give ``example_mask`` (a
@@ -210,9 +211,14 @@ def grain_value_and_grad(
         lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x,
                             x[source]), groups)
     grads = weighted_grad(args, kwargs, groups, weights)
+    # No group left: zeros if the mask left none out of the step, NaN if
+    # every group that takes part is non-finite (as grain() does), so that
+    # optax.apply_if_finite sees the step instead of a silent zero.
     any_valid = jnp.any(valid)
+    taking_part = jnp.any(mask) if mask is not None else True
+    empty = jnp.where(taking_part, jnp.nan, 0.0)
     grads = jax.tree_util.tree_map(
-        lambda g: jnp.where(any_valid, g, jnp.zeros_like(g)), grads)
+        lambda g: jnp.where(any_valid, g, empty.astype(g.dtype)), grads)
     return GrainGrad(
         losses=losses, grads=grads, weights=sol.weights, gram=gram,
         kkt_residual=sol.kkt_residual, num_iterations=sol.num_iterations,

@@ -86,6 +86,11 @@ def normalize_gram(gram, mask=None):
   gram = _check_gram(gram)
   valid = jnp.isfinite(jnp.diagonal(gram))
   if mask is not None:
+    if tuple(np.shape(mask)) != (gram.shape[0],):
+      raise ValueError(
+          f'grain_optax: mask has shape {tuple(np.shape(mask))}, but the Gram '
+          f'matrix has {gram.shape[0]} groups; expected shape '
+          f'({gram.shape[0]},), True for the groups to include.')
     valid = valid & jnp.asarray(mask, bool)
   pair = valid[:, None] & valid[None, :]
   gram = jnp.where(pair & jnp.isfinite(gram), gram, 0.0)
