@@ -79,3 +79,40 @@ def test_kernel_probe_runs_eagerly_inside_a_trace():
     return k
 
   step(jnp.ones(2))
+
+
+def _sub_jaxprs(value):
+  if hasattr(value, 'eqns'):
+    yield value
+  elif hasattr(value, 'jaxpr') and hasattr(value.jaxpr, 'eqns'):
+    yield value.jaxpr
+  elif isinstance(value, (tuple, list)):
+    for v in value:
+      yield from _sub_jaxprs(v)
+
+
+def _primitives(jaxpr, found):
+  for eqn in jaxpr.eqns:
+    found.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in _sub_jaxprs(value):
+        _primitives(sub, found)
+  return found
+
+
+def test_kernel_uses_only_primitives_the_gpu_lowering_has():
+  # The GPU kernel (Pallas on Triton) lowers element-wise ops, reductions
+  # other than and/or, selects, iota and loops; no gathers, scatters, dynamic
+  # indexing or argmin/argmax. A primitive outside that set only fails on a
+  # GPU (where the solver then falls back to XLA): catch it here.
+  k = jnp.asarray(gram(0, 8, 3, common=0.0))
+  jaxpr = jax.make_jaxpr(lambda k: solvers._exact_core(
+      k, jnp.ones(8, jnp.float32), jnp.float32(1e-7), jnp.float32(1e-7),
+      jnp.int32(80), solvers._sweep_factor))(k)
+  found = _primitives(jaxpr.jaxpr, set())
+  forbidden = {'reduce_and', 'reduce_or', 'reduce_xor', 'argmin', 'argmax',
+               'gather', 'scatter', 'scatter-add', 'dynamic_slice',
+               'dynamic_update_slice', 'sort', 'cumsum', 'custom_linear_solve',
+               'lu', 'triangular_solve'}
+  assert not found & forbidden, found & forbidden
+  assert 'while' in found

@@ -287,7 +287,11 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations,
       aa = matvec(alpha)
       delta = solve((jnp.sum(e * aa) - aa) * rest) * rest
       alpha = alpha + delta - e * jnp.sum(delta)
-    return alpha, jnp.all(jnp.isfinite(alpha))
+    # (A min over a select, not jnp.all: Pallas' Triton lowering has no
+    # reduce_and.)
+    finite = jnp.min(jnp.where(jnp.isfinite(alpha), jnp.float32(1),
+                                 jnp.float32(0))) > 0
+    return alpha, finite
 
   def cond(state):
     return (state[3] == 0) & (state[2] < max_iterations)
