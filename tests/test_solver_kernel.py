@@ -108,7 +108,7 @@ def test_kernel_uses_only_primitives_the_gpu_lowering_has():
   k = jnp.asarray(gram(0, 8, 3, common=0.0))
   jaxpr = jax.make_jaxpr(lambda k: solvers._exact_core(
       k, jnp.ones(8, jnp.float32), jnp.float32(1e-7), jnp.float32(1e-7),
-      jnp.int32(80), solvers._sweep_factor))(k)
+      jnp.int32(80), solvers._cholesky_factor))(k)
   found = _primitives(jaxpr.jaxpr, set())
   forbidden = {'reduce_and', 'reduce_or', 'reduce_xor', 'argmin', 'argmax',
                'gather', 'scatter', 'scatter-add', 'dynamic_slice',
