@@ -116,3 +116,22 @@ def test_kernel_uses_only_primitives_the_gpu_lowering_has():
                'lu', 'triangular_solve'}
   assert not found & forbidden, found & forbidden
   assert 'while' in found
+
+
+@pytest.mark.parametrize('m', [32, 64])
+def test_kernel_numerics_reach_kkt_on_the_low_rank_family(m):
+  # The kernel's own linear algebra (element-wise Cholesky), run under XLA on
+  # the low-rank family of test_solvers: the GPU kernel computes exactly this.
+  from test_solvers import _family, _kkt64  # pylint: disable=g-import-not-at-top
+
+  def solve(k):
+    kn, valid, _ = solvers.normalize_gram(k)
+    w, _ = solvers._exact_core(kn, valid.astype(jnp.float32), jnp.float32(1e-7),
+                               jnp.float32(1e-7), 8 * m + 16,
+                               solvers._cholesky_factor)
+    w = jnp.maximum(w, 0.0)
+    return w / jnp.sum(w)
+
+  grams = _family(m)
+  w = jax.jit(jax.vmap(solve))(jnp.asarray(grams))
+  assert np.max(_kkt64(grams, w)) <= 1e-6
