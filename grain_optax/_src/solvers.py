@@ -511,6 +511,13 @@ def _pallas_usable() -> bool:
     return False
 
 
+# The kernel runs as one GPU program, so its n^3 factorisation is serial
+# work: measured on an H200 (benchmarks/qp_solvers.py), 0.02-0.04 ms of device
+# time up to m = 32, but 0.54 ms at m = 64 and 5.1 ms at m = 128, where XLA's
+# cuSOLVER path takes 0.11 and 0.63 ms. Larger problems run under XLA.
+_KERNEL_MAX_GROUPS = 32
+
+
 def _exact(k, valid, tolerance, max_iterations, regularization):
   """The exact solver: weights on the simplex and the number of solves."""
   valid_f = valid.astype(jnp.float32)
@@ -537,7 +544,7 @@ def _exact(k, valid, tolerance, max_iterations, regularization):
     w, iterations = on_xla(*args)
   elif _EXACT_BACKEND == 'pallas_interpret':
     w, iterations = _exact_pallas(*args, max_iterations, interpret=True)
-  elif _gpu_present() and _pallas_usable():
+  elif k.shape[0] <= _KERNEL_MAX_GROUPS and _gpu_present() and _pallas_usable():
     # platform_dependent picks the branch for the device the computation
     # lands on (a jit may target the CPU on a GPU host).
     w, iterations = jax.lax.platform_dependent(
