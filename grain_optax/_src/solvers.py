@@ -96,7 +96,13 @@ def normalize_gram(gram, mask=None):
   gram = jnp.where(pair & jnp.isfinite(gram), gram, 0.0)
   scale = jnp.max(jnp.diagonal(gram))
   scale = jnp.where(scale > 0, scale, 0.0)
-  normalized = gram / jnp.where(scale > 0, scale, 1.0)
+  # XLA may turn x / c into x * (1 / c), and 1 / c is subnormal (flushed to
+  # zero) for c above 8.5e37: bring huge and tiny scales nearer 1 first by an
+  # exact power of two.
+  pre = jnp.where(scale > 2.0**64, jnp.float32(2.0**-64),
+                  jnp.where((scale > 0) & (scale < 2.0**-64),
+                            jnp.float32(2.0**64), jnp.float32(1)))
+  normalized = (gram * pre) / jnp.where(scale > 0, scale * pre, 1.0)
   # Symmetrise after scaling: K + K^T can overflow float32 for huge Grams.
   normalized = 0.5 * (normalized + normalized.T)
   return normalized, valid, scale
@@ -325,7 +331,7 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations,
     return (state[3] == 0) & (state[2] < max_iterations)
 
   def body(state):
-    w, support, it, _, phase = state
+    w, support, it, _, phase, blocked, last_added, best = state
     alpha, ok = affine_minimizer(support, w)
     kw = matvec(w)
     obj_w = jnp.sum(w * kw)
@@ -335,8 +341,14 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations,
     # hull; anything else is a numerically failed solve.
     sane = ok & (obj <= obj_w + _AFFINE_SLACK)
     positive = sane & (jnp.min(jnp.where(support > 0, alpha, 1.0)) > 0)
-    # Major cycle: alpha lies inside the face; add the most violating group.
-    candidates = jnp.where((valid > 0) & (support == 0), ka, jnp.inf)
+    # Major cycle: alpha lies inside the face; add the most violating group
+    # (not a blocked one; see below). Progress (a lower objective than at any
+    # earlier major cycle) unblocks every group.
+    progress = positive & (obj < best)
+    blocked = jnp.where(progress, jnp.zeros_like(blocked), blocked)
+    best = jnp.where(progress, obj, best)
+    candidates = jnp.where((valid > 0) & (support == 0) & (blocked == 0), ka,
+                           jnp.inf)
     lowest = jnp.min(candidates)
     j = first_index(candidates == lowest)
     add = lowest < obj - tolerance
@@ -353,6 +365,17 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations,
     w_minor = jnp.where(drop, 0.0, w_minor)
     w_minor = w_minor / jnp.sum(w_minor)
     support_minor = jnp.where(drop, 0.0, support)
+    # Anti-cycling: in exact arithmetic the group a major cycle adds keeps a
+    # positive weight. If rounding makes the next minor cycle drop it again
+    # without moving (theta = 0), adding it cannot make progress at this
+    # precision: block it until the objective decreases. Each such trip blocks
+    # one more group, and the objective decreases strictly between unblocks,
+    # so the loop cannot cycle.
+    stalled = (~positive & sane & (theta <= 0)
+               & (jnp.sum(jnp.where(idx == last_added, drop, False)
+                          .astype(jnp.float32)) > 0))
+    blocked = jnp.where(stalled & (idx == last_added), 1.0, blocked)
+    last_added = jnp.where(positive & add, j, -1).astype(jnp.int32)
 
     new_w = jnp.where(positive, alpha, w_minor)
     new_support = jnp.where(positive, support_major, support_minor)
@@ -367,7 +390,9 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations,
                             jnp.where(give_up, support, new_support))
     done = jnp.where(give_up, 1, jnp.where(restart, 0, done))
     phase = jnp.where(restart, 0, phase)
-    return new_w, new_support, it + 1, done, phase
+    blocked = jnp.where(restart, jnp.zeros_like(blocked), blocked)
+    best = jnp.where(restart, jnp.float32(jnp.inf), best)
+    return new_w, new_support, it + 1, done, phase, blocked, last_added, best
 
   count = jnp.sum(valid)
   vanishing = jnp.sum(((valid > 0) & (alpha <= 0)).astype(jnp.float32))
@@ -379,8 +404,9 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations,
       interior, kept / jnp.maximum(jnp.sum(kept), 1.0), vertex))
   s0 = jnp.where(interior, kept, vertex)
   init = (w0, s0, jnp.ones([], jnp.int32), accept.astype(jnp.int32),
-          interior.astype(jnp.int32))
-  w, _, iterations, _, _ = jax.lax.while_loop(cond, body, init)
+          interior.astype(jnp.int32), jnp.zeros_like(valid),
+          jnp.full([], -1, jnp.int32), jnp.full([], jnp.inf, jnp.float32))
+  w, _, iterations, _, _, _, _, _ = jax.lax.while_loop(cond, body, init)
   return w, iterations
 
 
