@@ -317,10 +317,12 @@ def _exact_core(k, valid, tolerance, regularization, max_iterations,
     # Iterative refinement against residuals taken from A itself (not from
     # the differenced matrix, whose entries carry cancellation errors): the
     # affine minimiser has (A alpha)_i equal over the support.
-    for _ in range(_REFINEMENT_STEPS):
+    def refine(_, alpha):
       aa = matvec(alpha)
       delta = solve((jnp.sum(e * aa) - aa) * rest) * rest
-      alpha = alpha + delta - e * jnp.sum(delta)
+      return alpha + delta - e * jnp.sum(delta)
+
+    alpha = jax.lax.fori_loop(0, _REFINEMENT_STEPS, refine, alpha)
     # (A min over a select, not jnp.all: Pallas' Triton lowering has no
     # reduce_and.)
     finite = jnp.min(jnp.where(jnp.isfinite(alpha), jnp.float32(1),
