@@ -30,7 +30,7 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
     >>> grain_optax.split_into_groups({'x': jnp.arange(6)}, 3)['x'].shape
     (3, 2)
   """
-  num_groups = _check_num_groups(num_groups)
+  num_groups = check_num_groups(num_groups)
 
   def split(path, leaf):
     shape = getattr(leaf, 'shape', ())
@@ -48,7 +48,7 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
   return jax.tree_util.tree_map_with_path(split, batch)
 
 
-def _check_num_groups(num_groups) -> int:
+def check_num_groups(num_groups) -> int:
   """``num_groups`` as a Python int >= 1 (NumPy integers accepted)."""
   return validation.positive_int(num_groups, 'num_groups', 'grain_optax')
 
@@ -156,7 +156,7 @@ def group_value_and_grad(
     >>> group_mask.tolist()
     [True, True, True, False]
   """
-  num_groups = _check_num_groups(num_groups)
+  num_groups = check_num_groups(num_groups)
   if chunk_size is not None:
     chunk_size = validation.positive_int(
         chunk_size, 'chunk_size', 'grain_optax', phrase='None or an int >= 1')

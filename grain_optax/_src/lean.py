@@ -150,7 +150,7 @@ def grain_value_and_grad(
     >>> updates, _ = tx.update(out.grads, tx.init(jnp.zeros(4)))
   """
   caller = 'grain_optax.grain_value_and_grad'
-  num_groups = grouping._check_num_groups(num_groups)  # pylint: disable=protected-access
+  num_groups = grouping.check_num_groups(num_groups)
   if solver not in solvers.SOLVERS:
     raise ValueError(
         f'{caller}: unknown solver {solver!r}; choose one of '

@@ -97,7 +97,7 @@ def nnx_group_value_and_grad(
         'grain_optax.nnx_group_value_and_grad needs Flax: '
         'pip install grain_optax[flax]  (or: pip install flax).') from e
 
-  num_groups = grouping._check_num_groups(num_groups)  # pylint: disable=protected-access
+  num_groups = grouping.check_num_groups(num_groups)
   if wrt is None:
     wrt = nnx.Param
   grad_fn = nnx.value_and_grad(
