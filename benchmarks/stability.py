@@ -38,11 +38,13 @@ writes everything so far):
   point, on the test split: where the mean fails, and whether GRAIN's
   direction or its shorter step is what helps.
 * ``groups``: GRAIN with m in {2, 4, 8, B} and across-batch GRAIN with k in
-  {2, 4, 8} (mean within micro-batches), at GRAIN's tuned AdamW rate.
+  {2, 4, 8} (mean within micro-batches), at GRAIN's tuned AdamW rate (from
+  the main stage, or ``--chosen-from`` an earlier run's results).
 * ``variants``: the sweep again with warm-up, with dropout on, and with
   AdamW instead of SGD.
-* ``timing``: the ``plain`` step (no groups) at the mean's tuned rate on the
-  test seeds, for the step-time ratio.
+* ``timing``: the ``plain`` step (no groups) and ``grain(num_groups=m)`` as
+  a user runs it, at the mean's tuned rate on the test seeds (first task
+  only), for the step-time ratio.
 
 Suites: ``sklearn`` (CPU, a few minutes: digits, breast cancer and diabetes
 regression, small MLPs trained from scratch on a few examples: the same code
@@ -703,9 +705,7 @@ class Study:
     self.out = open(out_path, 'a')
     self.t0 = time.perf_counter()
     self.runner = Runner(args.lanes, self.log)
-    # Per-example cells and an 8-slot window hold ~4x the main program's
-    # memory per lane: fewer lanes per call.
-    self.runners = {'groups': Runner(max(1, args.lanes // 2), self.log)}
+    self.runners = {}   # stage -> Runner with its own lane count
     self.chosen = {}
     self.chunk_s = []
     self.compile_times = []
@@ -807,30 +807,36 @@ class Study:
              for s in seeds]
     self.execute(problem, cfg, lanes, 'test', 'sweep')
 
-  def groups_cfg(self, problem):
+  def groups_cfgs(self, problem):
+    """Two programs: m-sweep (one example per cell, up to B slots, no
+    window) and k-sweep (2-example cells, one group, a window of up to 8):
+    one program covering both would hold B cells x B slots x 8 micro-steps."""
     b = problem.batch
-    return Config(cells=b, slots=b,
-                  window=max(k for k in (1, 2, 4, 8) if b % k == 0))
-
-  def timing_cfgs(self):
-    return (Config(cells=0, slots=0, window=1),
-            Config(cells=self.args.groups, slots=self.args.groups, window=1))
+    ks = [k for k in (2, 4, 8) if b % k == 0 and (b // 2) % k == 0]
+    return (Config(cells=b, slots=b, window=1),
+            Config(cells=b // 2, slots=1, window=max(ks)) if ks else None), ks
 
   def groups_stage(self, problem):
-    """m in {1, 2, 4, 8, B} within; k in {2, 4, 8} across (one example per
-    cell, mean within the micro-batch): one program."""
+    """GRAIN with m in {2, 4, 8, B} groups (and the mean), and GRAIN across
+    k in {2, 4, 8} micro-batches with the plain mean inside each, at GRAIN's
+    tuned AdamW rate (the middle of the grid without the main stage)."""
     a = self.args
     b = problem.batch
     lr = self.chosen.get((problem.name, problem.regime, 'grain'),
                          problem.lr_grid[len(problem.lr_grid) // 2])
     seeds = list(range(a.sweep_seeds))
-    ks = [k for k in (2, 4, 8) if b % k == 0]
-    cfg = self.groups_cfg(problem)
-    specs = [('mean', b, 1)] + [('grain', m, 1) for m in (2, 4, 8, b)
-                                if b % m == 0 and m <= b and m != 1]
-    specs = list(dict.fromkeys(specs)) + [('grain', 1, k) for k in ks]
-    lanes = [Lane(arm, lr, s, m, k) for (arm, m, k) in specs for s in seeds]
-    self.execute(problem, cfg, lanes, 'test', 'groups')
+    (cfg_m, cfg_k), ks = self.groups_cfgs(problem)
+    specs = [('mean', b)] + [('grain', m) for m in sorted({2, 4, 8, b})
+                             if b % m == 0 and m > 1]
+    self.execute(problem, cfg_m, [Lane(arm, lr, s, m, 1) for (arm, m) in specs
+                                  for s in seeds], 'test', 'groups')
+    if cfg_k is not None:
+      self.execute(problem, cfg_k, [Lane('grain', lr, s, 1, k) for k in ks
+                                    for s in seeds], 'test', 'groups')
+
+  def timing_cfgs(self):
+    return (Config(cells=0, slots=0, window=1),
+            Config(cells=self.args.groups, slots=self.args.groups, window=1))
 
   def timing_stage(self, problem):
     """The plain batch gradient (no groups) against grain(num_groups=m) as a
@@ -861,7 +867,7 @@ class Study:
                 [self.sweep_cfg()]) for p in full]
     if 'groups' in a.stages:
       plan += [('groups', p, part(self.groups_stage, p),
-                [self.groups_cfg(p)]) for p in full]
+                [c for c in self.groups_cfgs(p)[0] if c]) for p in full]
     if 'variants' in a.stages:
       for p in full:
         warm = max(1, p.steps // 10)
@@ -874,9 +880,9 @@ class Study:
           plan.append(('variants', p, part(
               self.sweep_stage, p, cfg,
               tuple(lr * 1e-2 for lr in p.sweep_grid)), [cfg]))
-    if 'timing' in a.stages:
+    if 'timing' in a.stages:   # the first task only (2 compiles per problem)
       plan += [('timing', p, part(self.timing_stage, p), list(self.timing_cfgs()))
-               for p in probs]
+               for p in probs if p.name == probs[0].name]
     return plan
 
   def run(self):
@@ -909,7 +915,7 @@ class Study:
       elif stage in ('sweep', 'variants'):
         n_chunks += ch(len(ARMS) * len(p.sweep_grid) * a.sweep_seeds)
       elif stage == 'groups':
-        n_chunks += ch(9 * a.sweep_seeds, self.runners['groups'].lanes)
+        n_chunks += ch(5 * a.sweep_seeds) + ch(3 * a.sweep_seeds)
       elif stage == 'timing':
         n_chunks += 2 * ch(a.seeds)
     n_compiles = len(compiled) - sum(len(r.compiled) for r in
@@ -1004,6 +1010,10 @@ def parse_args(argv=None):
   p.add_argument('--budget-seconds', type=float, default=None,
                  help='stop between chunks when the next would not fit')
   p.add_argument('--out', default=None, help='JSON lines file (appended)')
+  p.add_argument('--chosen-from', nargs='+', default=None, metavar='JSONL',
+                 help='take the tuned learning rates (for the groups and '
+                 'timing stages) from earlier result files, e.g. of a '
+                 '--stages main run')
   p.add_argument('--report', nargs='+', default=None, metavar='FILE',
                  help='--report OUT.md IN.jsonl...: write the markdown report '
                  '(and OUT.png) from result files, no training')
@@ -1071,6 +1081,11 @@ def main(argv=None):
   print(f'stability study: suite {args.suite}, writing {out}', flush=True)
   problems = build_problems(args)
   study = Study(args, problems, out)
+  if args.chosen_from:
+    for meta in stats.load(args.chosen_from)[1]:
+      if 'chosen_lr' in meta:
+        study.chosen[(meta['task'], meta['regime'], meta['method'])] = (
+            meta['chosen_lr'])
   meta = {'type': 'meta', 'kind': 'run', 'suite': args.suite,
           'command': command, 'date': datetime.date.today().isoformat(),
           'args': vars(args), **_versions()}
