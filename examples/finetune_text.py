@@ -58,13 +58,13 @@ def loss_fn(model, batch):
 
 
 def build_model(num_classes, *, lora_rank=0, seed=0, compute_dtype=jnp.float32,
-                num_layers=None):
+                num_layers=None, dropout=0.1):
   """The pretrained encoder + a fresh head (+ LoRA adapters)."""
   rngs = nnx.Rngs(params=seed, dropout=seed)
   encoder = minilm.load_minilm(compute_dtype=compute_dtype, rngs=rngs,
-                               num_layers=num_layers)
+                               num_layers=num_layers, dropout=dropout)
   return minilm.TextClassifier(encoder, num_classes, rngs=rngs,
-                               lora_rank=lora_rank)
+                               lora_rank=lora_rank, dropout=dropout)
 
 
 def make_optimizer(model, *, method, groups, accumulate, lr, total_steps,
@@ -125,17 +125,18 @@ def make_train_step(model, optimizer, *, method, groups, donate=None):
   return jax.jit(step, donate_argnums=(0,) if donate else ()), state
 
 
-def make_predict(model, batch_size, max_len):
-  """``texts -> predicted labels``, in fixed-size jitted batches."""
-  graphdef, _ = nnx.split(model)
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, ids, mask):
+  return nnx.merge(graphdef, state)(ids, mask, deterministic=True)
 
-  @jax.jit
-  def logits(state, ids, mask):
-    return nnx.merge(graphdef, state)(ids, mask, deterministic=True)
+
+def make_predict(model, batch_size, max_len):
+  """``texts -> predicted labels``, in fixed-size jitted batches (one
+  compilation per model structure and batch shape)."""
+  graphdef, state = nnx.split(model)
 
   def predict(texts):
     ids, mask = minilm.tokenize(texts, max_len)
-    state = nnx.state(model)
     out = []
     for i in range(0, len(ids), batch_size):
       b_ids, b_mask = ids[i:i + batch_size], mask[i:i + batch_size]
@@ -144,7 +145,8 @@ def make_predict(model, batch_size, max_len):
         b_ids = np.concatenate([b_ids, np.repeat(b_ids[:1], batch_size - n, 0)])
         b_mask = np.concatenate([b_mask,
                                  np.repeat(b_mask[:1], batch_size - n, 0)])
-      out.append(np.argmax(np.asarray(logits(state, b_ids, b_mask)), -1)[:n])
+      logits = _logits(graphdef, state, b_ids, b_mask)
+      out.append(np.argmax(np.asarray(logits), -1)[:n])
     return np.concatenate(out)
 
   return predict
@@ -175,6 +177,12 @@ def checkpoint_roundtrip(state, directory):
   return checkpointer.restore(path, abstract)
 
 
+def _host(x):
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(x)
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--task', choices=text_data.TASKS, default='bbc')
@@ -200,6 +208,7 @@ def parse_args(argv=None):
                  help='compute dtype (parameters are float32)')
   p.add_argument('--layers', type=int, default=None,
                  help='use only the first pretrained layers (default all 6)')
+  p.add_argument('--dropout', type=float, default=0.1)
   p.add_argument('--eval-batch', type=int, default=128)
   p.add_argument('--eval-size', type=int, default=None,
                  help='evaluate on a stratified subset of this size')
@@ -216,7 +225,7 @@ def parse_args(argv=None):
   if args.tiny:
     args.shots, args.batch, args.max_len = 2, 4, 32
     args.groups = min(args.groups, 2)
-    args.epochs, args.max_steps = 4, 4
+    args.epochs, args.max_steps = 4, args.max_steps or 4
     args.layers = args.layers or 1
     args.eval_size, args.eval_batch = 8, 8
   if args.lr is None:
@@ -247,7 +256,7 @@ def main(argv=None):
 
   model = build_model(task.num_classes, lora_rank=args.lora_rank,
                       seed=args.seed, compute_dtype=DTYPES[args.dtype],
-                      num_layers=args.layers)
+                      num_layers=args.layers, dropout=args.dropout)
   optimizer = make_optimizer(
       model, method=args.method, groups=args.groups,
       accumulate=args.accumulate, lr=args.lr, total_steps=total_steps)
@@ -328,7 +337,7 @@ def main(argv=None):
       restored = checkpoint_roundtrip(state, directory)
     graphdef = nnx.graphdef((model, optimizer))
     model2, _ = nnx.merge(graphdef, restored)
-    same = all(bool(jnp.array_equal(a, b)) for a, b in zip(
+    same = all(np.array_equal(_host(a), _host(b)) for a, b in zip(
         jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)))
     restored_acc = float(np.mean(
         make_predict(model2, args.eval_batch, args.max_len)(test[0]) == test[1]))

