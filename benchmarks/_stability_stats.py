@@ -188,8 +188,20 @@ def cells(runs: List[dict]) -> Dict[tuple, List[dict]]:
   return out
 
 
+R2_FLOOR = -1.0
+
+
+def metric(r: dict) -> float:
+  """A run's score; R² is floored at -1 (a diverged regression run's R² can
+  be -1e30, which would swamp every mean and test)."""
+  x = r['metric']
+  if r.get('metric_name') == 'R²' and x is not None:
+    x = max(x, R2_FLOOR) if np.isfinite(x) else R2_FLOOR
+  return x
+
+
 def cell_stats(rs: List[dict]) -> dict:
-  s = summary([r['metric'] for r in rs])
+  s = summary([metric(r) for r in rs])
   s['failed'] = int(sum(bool(r['failed']) for r in rs))
   preds = [r['preds'] for r in rs if r.get('preds')]
   if len(preds) == len(rs) and len(rs) > 1:
@@ -210,8 +222,8 @@ def _nanmean(xs):
 
 def compare(base: List[dict], other: List[dict]) -> Optional[dict]:
   """GRAIN arm vs mean on the seeds both ran."""
-  a = {r['seed']: r['metric'] for r in base}
-  b = {r['seed']: r['metric'] for r in other}
+  a = {r['seed']: metric(r) for r in base}
+  b = {r['seed']: metric(r) for r in other}
   seeds = sorted(set(a) & set(b))
   if len(seeds) < 3:
     return None
@@ -231,6 +243,8 @@ def compare(base: List[dict], other: List[dict]) -> Optional[dict]:
 def _f(x, digits=3):
   if x is None or (isinstance(x, float) and not np.isfinite(x)):
     return '–'
+  if abs(x) >= 1e4:   # a diverged regression run's R²
+    return f'{x:.1e}'
   return f'{x:.{digits}f}'
 
 
@@ -259,6 +273,8 @@ def markdown(runs: List[dict], metas: List[dict], *, title: str,
                  'missing)' if meta.get('stopped') else '') + '.', '']
     if meta.get('setup'):
       out += ['Setup: ' + meta['setup'], '']
+    if meta.get('notes'):
+      out += [meta['notes'].strip(), '']
   if figure:
     out += [f'![per-seed test scores]({figure})', '']
 
@@ -291,7 +307,8 @@ def markdown(runs: List[dict], metas: List[dict], *, title: str,
             'rate (own) and at the other methods\' (same lr as ...)', '',
             'metric: ' + ', '.join(f'{t}: {m}' for t, m in metric_name.items()) +
             '. worst10 = mean of the worst ceil(n/10) seeds; failed = non-finite '
-            'or within 0.02 of the majority-class share (regression: R² ≤ 0); '
+            'or within 0.02 of the majority-class share (regression: R² ≤ 0; '
+            'R² floored at -1 in every statistic); '
             'churn = fraction of test examples on which two seeds disagree; '
             'conflict = share of steps where the mean had a negative cosine '
             'with a group (across-window share after the slash for '
@@ -350,9 +367,14 @@ def markdown(runs: List[dict], metas: List[dict], *, title: str,
   if gs:
     out += ['### Group size m and accumulation window k', '',
             'Within the batch: GRAIN with m groups (m = batch size: one '
-            'example per group). Across batches: the batch is cut into k '
-            'micro-batches whose (plain-mean) gradients are combined by '
-            '`accumulate` (same examples and optimizer steps as the mean).', '',
+            'example per group); `mean` is the plain mean with the statistics '
+            'of m = B groups. Across batches (`acc`): the batch is cut into '
+            'k micro-batches whose plain-mean gradients are combined by '
+            '`accumulate` (same examples and optimizer steps as the mean). '
+            'The parameters do not move inside a window, so `acc` with k '
+            'equals `grain` with m = k on the same partition: matching rows '
+            'are a check that the two code paths agree, not two findings.',
+            '',
             '| task | method | m | k | lr | n | mean | std | min | failed | '
             'conflict (within/across) | ‖d‖/‖mean‖ |',
             '|---|---|---|---|---|---|---|---|---|---|---|---|']
@@ -370,17 +392,20 @@ def markdown(runs: List[dict], metas: List[dict], *, title: str,
   if tm:
     per = collections.OrderedDict()
     for k, v in tm:
-      per.setdefault((k[2], k[3]), {}).setdefault(k[6], []).extend(
+      name = k[6] + (' (timing stage)' if k[1] == 'timing' else '')
+      per.setdefault((k[2], k[3]), {}).setdefault(name, []).extend(
           r['train_s'] / r['steps'] for r in v if r.get('train_s'))
     out += ['### Time', '',
             'Training seconds per optimizer step and run (runs batched over '
-            'seeds with vmap, so this is the amortised cost of one run\'s '
-            'step); ratio to `plain` (ordinary full-batch gradient, no '
-            'groups) where the timing stage ran, else to `mean` (which '
-            'computes the group gradients and GRAIN\'s statistics too).', '',
+            'seeds with vmap: the amortised cost of one run\'s step). The '
+            'main stage\'s methods share one program (cell gradients, group '
+            'combination, GRAIN, the window), so their times are equal by '
+            'construction and overstate what a user pays; the timing stage '
+            'compares the plain batch gradient with `grain(num_groups=m)` as '
+            'a user runs it (ratio to `plain`).', '',
             '| task | regime | method | ms/step | ratio |', '|---|---|---|---|---|']
     for (task, regime), d in per.items():
-      base = d.get('plain') or d.get('mean')
+      base = d.get('plain (timing stage)') or d.get('mean')
       base_ms = 1e3 * np.median(base) if base else float('nan')
       for method, ts in d.items():
         ms = 1e3 * np.median(ts)
@@ -475,7 +500,7 @@ def figure(runs: List[dict], path: str, *, title: str = '') -> Optional[str]:
   rng = np.random.default_rng(0)
   for ax, ((task, regime), methods) in zip(axes.flat, panels.items()):
     names = sorted(methods, key=lambda m: _ARM_ORDER.get(m, 9))
-    data = [np.array([r['metric'] for r in methods[m]]) for m in names]
+    data = [np.array([metric(r) for r in methods[m]]) for m in names]
     ax.boxplot([np.nan_to_num(d, nan=0.0) for d in data], widths=0.5,
                showfliers=False, medianprops={'color': 'black'})
     for i, (name, d) in enumerate(zip(names, data)):

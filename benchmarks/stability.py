@@ -448,6 +448,8 @@ class Config:
   warmup: int = 0              # linear warm-up steps
   dropout: bool = False
   variant: str = ''            # label of the sweep variant
+  direct: bool = False         # every lane: m = cells = slots, k = 1 (the
+                               # cells are the groups; no combination step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,7 +464,8 @@ class Lane:
 def lane_plan(cfg: Config, lane: Lane):
   """(combination [W, S, G], group mask [W, S], active [W]) of a lane."""
   g, s, w = cfg.cells, cfg.slots, cfg.window
-  if lane.k > w or g % lane.k or (g // lane.k) % lane.m or lane.m > s:
+  if lane.k > w or g % lane.k or (g // lane.k) % lane.m or lane.m > s or (
+      cfg.direct and (lane.m != g or lane.k != 1 or s != g or w != 1)):
     raise ValueError(f'lane m={lane.m}, k={lane.k} does not fit {cfg}')
   per_micro = g // lane.k
   per_group = per_micro // lane.m
@@ -532,9 +535,12 @@ def _program(problem: Problem, cfg: Config):
       def micro(carry, inp):
         params, state = carry
         c, gm, on = inp
-        groups = tree_map(
-            lambda x: jnp.einsum('sg,g...->s...', c, x.astype(jnp.float32),
-                                 precision=hi).astype(x.dtype), cells)
+        if cfg.direct:
+          groups = cells
+        else:
+          groups = tree_map(
+              lambda x: jnp.einsum('sg,g...->s...', c, x.astype(jnp.float32),
+                                   precision=hi).astype(x.dtype), cells)
         updates, new_state = tx.update(groups, state, params, group_mask=gm)
         new_params = optax.apply_updates(params, updates)
         gs = new_state[0]
@@ -705,7 +711,8 @@ class Study:
     self.out = open(out_path, 'a')
     self.t0 = time.perf_counter()
     self.runner = Runner(args.lanes, self.log)
-    self.runners = {}   # stage -> Runner with its own lane count
+    # The groups m-sweep holds B cells and B group gradients per lane.
+    self.runners = {'groups': Runner(max(1, args.lanes // 2), self.log)}
     self.chosen = {}
     self.chunk_s = []
     self.compile_times = []
@@ -797,7 +804,7 @@ class Study:
     kw.setdefault('optimizer', self.args.sweep_optimizer)
     if not m:   # the main program (no extra compile; tests use this)
       return dataclasses.replace(self.main_cfg(), **kw)
-    return Config(cells=m, slots=m, window=1, **kw)
+    return Config(cells=m, slots=m, window=1, direct=True, **kw)
 
   def sweep_stage(self, problem, cfg, grid=None):
     seeds = list(range(self.args.sweep_seeds))
@@ -915,7 +922,7 @@ class Study:
       elif stage in ('sweep', 'variants'):
         n_chunks += ch(len(ARMS) * len(p.sweep_grid) * a.sweep_seeds)
       elif stage == 'groups':
-        n_chunks += ch(5 * a.sweep_seeds) + ch(3 * a.sweep_seeds)
+        n_chunks += 2 * ch(5 * a.sweep_seeds) + ch(3 * a.sweep_seeds)
       elif stage == 'timing':
         n_chunks += 2 * ch(a.seeds)
     n_compiles = len(compiled) - sum(len(r.compiled) for r in
@@ -1053,6 +1060,9 @@ def report(paths: Sequence[str]):
     device = head[0].get('device', '?') if head else '?'
     title = (f'{suite} suite ({"CPU" if "cpu" in device.lower() else "GPU"} '
              f'results, {pathlib.Path(path).name})')
+    notes = pathlib.Path(path).with_suffix('.notes.md')
+    if notes.exists():
+      head = head + [{'notes': notes.read_text()}]
     sections.append((title, runs, head))
   fig = stats.figure(all_runs, str(png),
                      title='Per-seed test scores, each method at its own '
