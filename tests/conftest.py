@@ -16,9 +16,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+import _xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # On GPUs, several pytest-xdist workers share a device: allocate on demand
 # instead of each reserving 75% of its memory.
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+# Fast-compiling XLA flags for the CPU (see tests/_xla_flags.py).
+_xla_flags.use_fast_compile_flags()
 
 import hypothesis  # pylint: disable=g-import-not-at-top
 

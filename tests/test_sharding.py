@@ -31,7 +31,10 @@ def _env():
   env = dict(os.environ)
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-  env.pop('XLA_FLAGS', None)
+  # Keep the suite's compile flags (conftest.py), drop any device count.
+  env['XLA_FLAGS'] = ' '.join(
+      f for f in env.get('XLA_FLAGS', '').split()
+      if not f.startswith('--xla_force_host_platform_device_count'))
   return env
 
 
