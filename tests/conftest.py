@@ -47,3 +47,8 @@ def _float32_matmuls():
   """Tests compare numbers at float32 precision; GPUs default to TF32."""
   with jax.default_matmul_precision('highest'):
     yield
+
+
+def pytest_report_header(config):
+  del config  # Unused.
+  return [f'XLA_FLAGS: {os.environ.get("XLA_FLAGS", "")!r}']
