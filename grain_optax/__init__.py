@@ -3,28 +3,31 @@
 GRAIN replaces the mean of group gradients with their minimum-norm convex
 combination, ``d = sum_i w_i g_i`` with ``w = argmin_{w in simplex} ||d||^2``,
 which has a non-negative inner product with every group gradient.
+
+References:
+  GRAIN: Group Aggregation via min-norm objective, arXiv:2606.22917.
 """
 
 from grain_optax._src.accumulate import accumulate
-from grain_optax._src.accumulate import AccumulateState
+from grain_optax._src.collectives import collective_bytes
+from grain_optax._src.collectives import CollectiveCost
 from grain_optax._src.combine import combine
 from grain_optax._src.gram import gram_matrix
 from grain_optax._src.grouping import group_value_and_grad
 from grain_optax._src.grouping import split_into_groups
 from grain_optax._src.lean import grain_value_and_grad
 from grain_optax._src.lean import GrainGrad
+from grain_optax._src.min_norm_point import min_norm_point
+from grain_optax._src.min_norm_point import MinNormPoint
+from grain_optax._src.nnx import nnx_group_value_and_grad
 from grain_optax._src.solvers import kkt_residual
 from grain_optax._src.solvers import min_norm_weights
 from grain_optax._src.solvers import MinNormSolution
-from grain_optax._src.sharding import collective_bytes
-from grain_optax._src.sharding import CollectiveCost
-from grain_optax._src.sharding import min_norm_point
-from grain_optax._src.sharding import MinNormPoint
 from grain_optax._src.solvers import SOLVERS
+from grain_optax._src.state import AccumulateState
+from grain_optax._src.state import grain_statistics
+from grain_optax._src.state import GrainState
 from grain_optax._src.transform import grain
-from grain_optax._src.transform import GrainState
-from grain_optax._src.training import grain_statistics
-from grain_optax._src.training import nnx_group_value_and_grad
 
 __version__ = '0.1.0'
 

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import grain_optax
+from grain_optax._src import exact
 from grain_optax._src import solvers
+from grain_optax._src import wolfe
 
 
 def gram(seed, m, p, common=0.3):
@@ -22,9 +24,8 @@ def gram(seed, m, p, common=0.3):
 
 
 def solve_with(backend, k):
-  # A fresh function, so that the backend is read at trace time.
-  with solvers.exact_backend(backend):
-    return jax.jit(lambda k: grain_optax.min_norm_weights(k))(k)
+  return jax.jit(lambda k: grain_optax.min_norm_weights(
+      k, exact_backend=backend))(k)
 
 
 CASES = {
@@ -74,7 +75,7 @@ def test_kernel_probe_runs_eagerly_inside_a_trace():
   @jax.jit
   def step(k):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      w = pool.submit(solvers._probe_pallas, True).result()
+      w = pool.submit(exact.probe_pallas, True).result()
     np.testing.assert_allclose(w / w.sum(), [0.9, 0.1], atol=1e-5)
     return k
 
@@ -106,9 +107,9 @@ def test_kernel_uses_only_primitives_the_gpu_lowering_has():
   # indexing or argmin/argmax. A primitive outside that set only fails on a
   # GPU (where the solver then falls back to XLA): catch it here.
   k = jnp.asarray(gram(0, 8, 3, common=0.0))
-  jaxpr = jax.make_jaxpr(lambda k: solvers._exact_core(
+  jaxpr = jax.make_jaxpr(lambda k: wolfe.core(
       k, jnp.ones(8, jnp.float32), jnp.float32(1e-7), jnp.float32(1e-7),
-      jnp.int32(80), solvers._cholesky_factor))(k)
+      jnp.int32(80), wolfe.cholesky_factor))(k)
   found = _primitives(jaxpr.jaxpr, set())
   forbidden = {'reduce_and', 'reduce_or', 'reduce_xor', 'argmin', 'argmax',
                'gather', 'scatter', 'scatter-add', 'dynamic_slice',
@@ -126,9 +127,9 @@ def test_kernel_numerics_reach_kkt_on_the_low_rank_family(m):
 
   def solve(k):
     kn, valid, _ = solvers.normalize_gram(k)
-    w, _ = solvers._exact_core(kn, valid.astype(jnp.float32), jnp.float32(1e-7),
+    w, _ = wolfe.core(kn, valid.astype(jnp.float32), jnp.float32(1e-7),
                                jnp.float32(1e-7), 8 * m + 16,
-                               solvers._cholesky_factor)
+                               wolfe.cholesky_factor)
     w = jnp.maximum(w, 0.0)
     return w / jnp.sum(w)
 

@@ -11,53 +11,22 @@ that mean with the minimum-norm point of the :math:`k` stored gradients,
 and hands :math:`d` to an inner transformation once per window.
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from grain_optax._src import combine as combine_lib
-from grain_optax._src import gram as gram_lib
-from grain_optax._src import transform
+from grain_optax._src import min_norm_point as mnp_lib
+from grain_optax._src import solvers
+from grain_optax._src import state as state_lib
 from grain_optax._src import validation
 
 EveryK = Union[int, jax.Array, Callable[[jax.Array], Any]]
 
 
-class AccumulateState(NamedTuple):
-  """State of :func:`accumulate`.
-
-  Attributes:
-    mini_step: ``[]`` int32, the number of gradients stored in the current
-      window, ``0 <= mini_step < every_k``; 0 again right after the window
-      closed and the inner transformation stepped.
-    buffer: a pytree shaped like the params whose every leaf is
-      ``[max_every_k, *param_shape]`` in the buffer dtype. Slots
-      ``0 .. mini_step - 1`` hold the current window's gradients; later slots
-      hold stale values from an earlier window, which the solver never uses.
-    inner_state: the inner transformation's state; it moves only when a
-      window closes.
-    in_use: ``[max_every_k]`` bool, True for the slots of the current window
-      whose gradient takes part in its min-norm point (False for a call made
-      with ``microbatch_mask=False``, e.g. an all-padding micro-batch).
-    stats: a :class:`GrainState` describing the last closed window (uniform
-      weights and zeros before the first): ``count`` is the number of windows
-      closed so far, i.e. the number of inner steps; ``weights`` is
-      ``[max_every_k]`` float32, the convex weights of the window's gradients
-      (zero for slots outside the window and for non-finite gradients);
-      ``num_nonfinite`` counts the window's gradients excluded for NaN or
-      infinity; the other fields are as in :func:`grain`.
-  """
-  mini_step: jax.Array
-  buffer: Any
-  inner_state: Any
-  in_use: jax.Array
-  stats: transform.GrainState
-
-
-def _window_size(every_k, max_every_k, step):
+def _window_size(every_k: EveryK, max_every_k: int,
+                 step: jax.Array) -> Union[int, jax.Array]:
   """The current window size: a Python int, or an int32 array in [1, max]."""
   if isinstance(every_k, int):
     return every_k
@@ -70,44 +39,19 @@ def _window_size(every_k, max_every_k, step):
   return jnp.clip(k.astype(jnp.int32), 1, max_every_k)
 
 
-def _check_updates(updates, buffer):
-  """Trace-time check: ``updates`` is ``buffer`` without its slot axis."""
-  b_struct = jax.tree_util.tree_structure(buffer)
-  u_struct = jax.tree_util.tree_structure(updates)
-  if b_struct != u_struct:
-    raise ValueError(
-        'grain_optax.accumulate: the updates and the params given to init '
-        f'have different tree structures:\n  updates: {u_struct}\n'
-        f'  params:  {b_struct}')
-  u_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
-  for (path, u), b in zip(u_leaves, jax.tree_util.tree_leaves(buffer)):
-    shape = tuple(getattr(u, 'shape', ()))
-    if shape != tuple(b.shape[1:]):
-      hint = ''
-      if len(shape) == b.ndim and shape[1:] == tuple(b.shape[1:]):
-        hint = (' These look like per-group gradients (a leading group axis of '
-                f'{shape[0]}): put grain_optax.grain() before accumulate in '
-                'the chain to combine the groups first.')
-      raise ValueError(
-          f'grain_optax.accumulate: leaf {validation.leaf_name(path)} of the '
-          f'updates has shape {shape}, but the matching param has shape '
-          f'{tuple(b.shape[1:])}; accumulate takes one ordinary '
-          f'(params-shaped) gradient per call.{hint}')
-
-
 def accumulate(
     inner: optax.GradientTransformation,
     *,
     every_k: EveryK,
     max_every_k: Optional[int] = None,
     buffer_dtype: Optional[Any] = None,
-    solver: str = 'exact',
-    tolerance: Optional[float] = None,
+    solver: validation.Solver = 'exact',
+    tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[int] = None,
-    regularization: float = 1e-7,
-    stepsize: float = 0.0,
+    regularization: jax.typing.ArrayLike = 1e-7,
+    stepsize: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""GRAIN across mini-batches: one inner step on the min-norm point of k gradients.
+  r"""GRAIN across mini-batches: one inner step on the min-norm point of k.
 
   The drop-in replacement of ``optax.MultiSteps`` in which the mean of the
   :math:`k` micro-batch gradients :math:`g_1, \dots, g_k` of a window becomes
@@ -157,8 +101,8 @@ def accumulate(
       ``optax.adamw(1e-3)``); plain ``GradientTransformation`` or one taking
       extra arguments.
     every_k: the window size :math:`k`: an int ``>= 1`` (Python or NumPy),
-      or, when ``max_every_k`` is given, a schedule ``step -> k`` evaluated at the
-      number of inner steps taken so far (like ``MultiSteps``'
+      or, when ``max_every_k`` is given, a schedule ``step -> k`` evaluated at
+      the number of inner steps taken so far (like ``MultiSteps``'
       ``every_k_schedule``) or a scalar int array (e.g. injected by
       ``optax.inject_hyperparams``). Values from a schedule or an array are
       clipped to ``[1, max_every_k]``.
@@ -201,35 +145,11 @@ def accumulate(
     [0.8, 0.2]
   """
   caller = 'grain_optax.accumulate'
-  if isinstance(every_k, (bool, np.bool_)):
-    raise ValueError(
-        'grain_optax.accumulate: every_k must be an int >= 1, got '
-        f'{every_k!r}.')
-  if validation.is_int_like(every_k):  # Python or NumPy integer.
-    every_k = int(every_k)
-    if every_k < 1:
-      raise ValueError(
-          f'grain_optax.accumulate: every_k must be >= 1, got {every_k}.')
-    if max_every_k is None:
-      max_every_k = every_k
-    if max_every_k != every_k:
-      raise ValueError(
-          f'grain_optax.accumulate: with an int every_k={every_k}, '
-          f'max_every_k must be None or equal to it, got {max_every_k}.')
-  elif max_every_k is None:
-    raise ValueError(
-        'grain_optax.accumulate: every_k is a schedule or an array '
-        f'({type(every_k).__name__}), so the buffer size cannot be read from '
-        'it; give max_every_k (a Python int >= 1) to keep shapes static. With '
-        "optax.inject_hyperparams, either pass static_args=('every_k',) or "
-        'give max_every_k.')
-  max_every_k = validation.positive_int(
-      max_every_k, 'max_every_k', caller,
-      hint=" (with optax.inject_hyperparams, pass static_args=('max_every_k',))")
+  every_k, max_every_k = validation.window(every_k, max_every_k, caller)
   # Numeric solver options may be arrays (optax.inject_hyperparams).
-  solve = transform.make_solve(
-      solver=solver, tolerance=tolerance, max_iterations=max_iterations,
-      regularization=regularization, stepsize=stepsize, caller=caller)
+  solve = solvers.make_solve(
+      solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
+                            stepsize), caller=caller)
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
         'grain_optax.accumulate: inner must be an optax '
@@ -249,28 +169,20 @@ def accumulate(
       dtype = p.dtype if buffer_dtype is None else buffer_dtype
       return jnp.zeros((num_slots,) + p.shape, dtype)
 
-    return AccumulateState(
+    return state_lib.AccumulateState(
         mini_step=jnp.zeros([], jnp.int32),
         buffer=jax.tree_util.tree_map(slots, params),
         inner_state=inner.init(params),
         in_use=jnp.zeros([num_slots], bool),
-        stats=transform.initial_state(num_slots),
+        stats=state_lib.initial_state(num_slots),
     )
 
   def update_fn(updates, state, params=None, *, microbatch_mask=None,
                 **extra_args):
-    _check_updates(updates, state.buffer)
+    validation.check_like_buffer(updates, state.buffer, caller)
     k = _window_size(every_k, num_slots, state.stats.count)
     slot = state.mini_step
-    if microbatch_mask is None:
-      take_part = jnp.ones([], bool)
-    else:
-      if np.shape(microbatch_mask) != ():
-        raise ValueError(
-            'grain_optax.accumulate: microbatch_mask must be a scalar bool '
-            '(False: this call\'s gradient takes no part in the window), got '
-            f'shape {np.shape(microbatch_mask)}.')
-      take_part = jnp.asarray(microbatch_mask).astype(bool)
+    take_part = validation.microbatch_mask(microbatch_mask, caller)
     in_use = jnp.where(slot == 0, jnp.zeros_like(state.in_use), state.in_use)
     in_use = jnp.where(jnp.arange(num_slots) == slot, take_part, in_use)
     buffer = jax.tree_util.tree_map(
@@ -288,31 +200,26 @@ def accumulate(
 
     def close_window():
       in_window = (jnp.arange(num_slots) < filled) & in_use
-      gram = gram_lib.gram_matrix(buffer)
-      sol = solve(gram, in_window)
-      d = combine_lib.combine(buffer, sol.weights)
+      d, sol, gram = mnp_lib.run(None, buffer, solve, in_window)
       # Every gradient that takes part is non-finite: NaN for inner (as
       # grain() does), so that an inner optax.apply_if_finite skips the step.
-      # (The weights are all zero exactly when no group is left.)
-      all_nonfinite = jnp.any(in_window) & (jnp.sum(sol.weights) == 0)
-      d = jax.tree_util.tree_map(
-          lambda x: jnp.where(all_nonfinite, jnp.nan, x), d)
-      d = jax.tree_util.tree_map(
-          lambda x, u: x.astype(jnp.asarray(u).dtype), d, updates)
+      d = mnp_lib.nan_if_none_left(d, sol.weights, jnp.any(in_window))
+      d = optax.tree.cast_like(d, updates)
       new_updates, new_inner = step_inner(d, state.inner_state)
+      # Typed as before, Python scalars included (both branches of the cond
+      # must agree, also under jax_enable_x64).
       new_inner = jax.tree_util.tree_map(
           lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
           new_inner, state.inner_state)
-      stats = transform.solution_state(state.stats, gram, sol, mask=in_window)
+      stats = state_lib.solution_state(state.stats, gram, sol, mask=in_window)
       return new_updates, new_inner, stats
 
     def hold():
-      zeros = jax.tree_util.tree_map(
-          lambda s: jnp.zeros(s.shape, s.dtype), out_struct[0])
+      zeros = optax.tree.zeros_like(out_struct[0])
       return zeros, state.inner_state, state.stats
 
     new_updates, inner_state, stats = jax.lax.cond(close, close_window, hold)
-    new_state = AccumulateState(
+    new_state = state_lib.AccumulateState(
         mini_step=jnp.where(close, 0, filled).astype(jnp.int32),
         buffer=buffer,
         inner_state=inner_state,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from grain_optax._src import validation
 
 
-def combine(per_group: Any, weights: jax.Array) -> Any:
+def combine(per_group: Any, weights: jax.typing.ArrayLike) -> Any:
   r"""Weighted sum of per-group updates over the group axis.
 
   .. math::
@@ -41,7 +41,13 @@ def combine(per_group: Any, weights: jax.Array) -> Any:
     raise ValueError(
         f'grain_optax.combine: weights have shape {weights.shape}, but the '
         f'per-group tree has {m} groups; expected shape ({m},).')
-  weights = weights.astype(jnp.float32)
+  return weighted_sum(per_group, weights)
+
+
+def weighted_sum(per_group: Any, weights: jax.Array) -> Any:
+  """:func:`combine` of a checked tree and ``[m]`` weights."""
+  weights = jnp.asarray(weights).astype(jnp.float32)
+  m = weights.shape[0]
 
   def leaf_combine(leaf):
     w = weights.reshape((m,) + (1,) * (leaf.ndim - 1))

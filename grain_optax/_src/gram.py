@@ -1,36 +1,25 @@
 """The Gram matrix of per-group updates."""
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from grain_optax._src import sharding
+from grain_optax._src import axes as axes_lib
 from grain_optax._src import validation
 
 
-def _explicit_replicated(leaf: jax.Array):
-  """A replicated out_sharding if ``leaf`` is sharded over Explicit axes."""
-  try:
-    s = jax.typeof(leaf).sharding
-    spec, mesh = s.spec, s.mesh
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if getattr(mesh, 'empty', True) or not any(e is not None for e in spec):
-    return None
-  types = {str(t).lower() for t in getattr(mesh, 'axis_types', ())}
-  if not any('explicit' in t for t in types):
-    return None
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+def leaf_gram(leaf: jax.Array, out_sharding: Any = None) -> jax.Array:
+  """The ``[m, m]`` float32 Gram of one ``[m, ...]`` leaf, contracted in place.
 
-
-def _leaf_gram(leaf: jax.Array) -> jax.Array:
-  # Contract the parameter axes in place: a reshape to [m, P] would make the
-  # partitioner gather a leaf sharded along a minor parameter axis.
+  A reshape to ``[m, P]`` would make the partitioner gather a leaf sharded
+  along a minor parameter axis, so the parameter axes are contracted as they
+  are. ``out_sharding`` (None: the partitioner's choice) is passed to
+  ``dot_general``.
+  """
   flat = leaf if leaf.ndim > 1 else leaf.reshape(leaf.shape[0], 1)
   dims = (tuple(range(1, flat.ndim)),) * 2
-  out = _explicit_replicated(leaf)
-  kwargs = {} if out is None else {'out_sharding': out}
+  kwargs = {} if out_sharding is None else {'out_sharding': out_sharding}
   return jax.lax.dot_general(
       flat, flat,
       dimension_numbers=(dims, ((), ())),
@@ -38,8 +27,33 @@ def _leaf_gram(leaf: jax.Array) -> jax.Array:
       preferred_element_type=jnp.float32, **kwargs)
 
 
+def total(grams: Sequence[jax.Array]) -> jax.Array:
+  """The sum of a non-empty list of Gram matrices, in order."""
+  return sum(grams[1:], grams[0])
+
+
+def gram_of_leaves(leaves: Sequence[jax.Array],
+                   param_axes: Tuple[Any, ...] = ()) -> jax.Array:
+  """:func:`gram_matrix` of checked leaves (``param_axes`` bound, tracked)."""
+  grams = [leaf_gram(leaf, axes_lib.explicit_replicated(leaf))
+           for leaf in leaves]
+  if not param_axes:
+    return total(grams)
+  over = set(param_axes)
+  blocks = [g for g, leaf in zip(grams, leaves)
+            if over & axes_lib.varying_axes(leaf)]
+  whole = [g for g, leaf in zip(grams, leaves)
+           if not over & axes_lib.varying_axes(leaf)]
+  gram = jax.lax.psum(total(blocks), param_axes) if blocks else None
+  if whole:
+    rest = total(whole)
+    gram = rest if gram is None else gram + rest
+  return gram
+
+
 def gram_matrix(per_group: Any, *,
-                param_axis_name: Optional[Any] = None) -> jax.Array:
+                param_axis_name: Optional[axes_lib.AxisName] = None
+                ) -> jax.Array:
   r"""Gram matrix of per-group updates, accumulated in float32.
 
   For a tree whose every leaf has a leading group axis of size :math:`m`,
@@ -86,28 +100,14 @@ def gram_matrix(per_group: Any, *,
            [1., 5.]], dtype=float32)
   """
   validation.group_count(per_group)
-  leaves = jax.tree_util.tree_leaves(per_group)
-  grams = [_leaf_gram(leaf) for leaf in leaves]
-  axes = sharding.axes_tuple(param_axis_name, 'param_axis_name')
-  if not axes:
-    return sum(grams[1:], grams[0])
-  try:
-    jax.lax.axis_size(axes)
-  except Exception:  # pylint: disable=broad-except
+  axes = axes_lib.axes_tuple(param_axis_name, 'param_axis_name')
+  if axes and not axes_lib.is_bound(axes):
     raise ValueError(
         f'grain_optax.gram_matrix: param_axis_name={param_axis_name!r} is not '
-        'a bound axis; call it inside jax.shard_map over that axis.') from None
-  if not sharding.vma_tracked(leaves):
+        'a bound axis; call it inside jax.shard_map over that axis.')
+  if axes and not axes_lib.vma_tracked(axes):
     raise ValueError(
         'grain_optax.gram_matrix: param_axis_name needs jax.shard_map with '
         'check_vma=True (the default) to tell the leaves sharded over the '
         'parameter axis from the replicated ones.')
-  blocks = [g for g, leaf in zip(grams, leaves)
-            if set(axes) & (sharding.varying_axes(leaf) or frozenset())]
-  whole = [g for g, leaf in zip(grams, leaves)
-           if not set(axes) & (sharding.varying_axes(leaf) or frozenset())]
-  gram = jax.lax.psum(sum(blocks[1:], blocks[0]), axes) if blocks else None
-  if whole:
-    rest = sum(whole[1:], whole[0])
-    gram = rest if gram is None else gram + rest
-  return gram
+  return gram_of_leaves(jax.tree_util.tree_leaves(per_group), axes)

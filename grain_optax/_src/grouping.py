@@ -1,6 +1,6 @@
 """Splitting a batch into groups and per-group gradients by ``vmap``."""
 
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
     >>> grain_optax.split_into_groups({'x': jnp.arange(6)}, 3)['x'].shape
     (3, 2)
   """
-  num_groups = check_num_groups(num_groups)
+  num_groups = validation.check_num_groups(num_groups)
 
   def split(path, leaf):
     shape = getattr(leaf, 'shape', ())
@@ -48,27 +48,13 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
   return jax.tree_util.tree_map_with_path(split, batch)
 
 
-def check_num_groups(num_groups) -> int:
-  """``num_groups`` as a Python int >= 1 (NumPy integers accepted)."""
-  return validation.positive_int(num_groups, 'num_groups', 'grain_optax')
-
-
-def batch_indices(batch_argnums, caller: str) -> Tuple[int, ...]:
-  """``batch_argnums`` (an int or a sequence of ints) as a tuple of ints."""
-  many = isinstance(batch_argnums, (tuple, list))
-  items = tuple(batch_argnums) if many else (batch_argnums,)
-  out = []
-  for i in items:
-    if not validation.is_int_like(i) or i < 0:
-      raise ValueError(
-          f'{caller}: batch_argnums must be a non-negative int or a tuple of '
-          f'them, got {batch_argnums!r}.')
-    out.append(int(i))
-  if not out or len(set(out)) != len(out):
-    raise ValueError(
-        f'{caller}: batch_argnums must name at least one argument, each '
-        f'once; got {batch_argnums!r}.')
-  return tuple(out)
+def with_batches(args: Sequence[Any], batch_idx: Sequence[int],
+                 group_batches: Sequence[Any]) -> List[Any]:
+  """``args`` with ``args[batch_idx[j]]`` replaced by ``group_batches[j]``."""
+  group_args = list(args)
+  for i, group_batch in zip(batch_idx, group_batches):
+    group_args[i] = group_batch
+  return group_args
 
 
 def group_mask_of(example_mask: Callable[..., Any], batches: Sequence[Any],
@@ -98,7 +84,8 @@ def group_value_and_grad(
   The batch argument (``args[batch_argnums]``, or each of them for a tuple) is
   split along axis 0 of every leaf into ``num_groups`` equal contiguous groups
   (:func:`split_into_groups`), and ``jax.value_and_grad(loss_fn)`` is mapped
-  over the groups with every other argument shared. With ``loss_fn`` the mean loss of its batch, group
+  over the groups with every other argument shared. With ``loss_fn`` the mean
+  loss of its batch, group
   :math:`i` gets :math:`L_i` and :math:`g_i = \nabla L_i`, and the mean of the
   :math:`g_i` is the ordinary full-batch gradient.
 
@@ -152,15 +139,16 @@ def group_value_and_grad(
     ...   return jnp.sum(err) / jnp.maximum(jnp.sum(batch['mask']), 1.0)
     >>> batch['mask'] = jnp.array([1., 1., 1., 1., 1., 1., 0., 0.])
     >>> losses, grads, group_mask = grain_optax.group_value_and_grad(
-    ...     masked_loss, 4, example_mask=lambda b: b['mask'])(jnp.zeros(3), batch)
+    ...     masked_loss, 4, example_mask=lambda b: b['mask'])(
+    ...     jnp.zeros(3), batch)
     >>> group_mask.tolist()
     [True, True, True, False]
   """
-  num_groups = check_num_groups(num_groups)
+  num_groups = validation.check_num_groups(num_groups)
   if chunk_size is not None:
     chunk_size = validation.positive_int(
         chunk_size, 'chunk_size', 'grain_optax', phrase='None or an int >= 1')
-  batch_idx = batch_indices(batch_argnums, 'grain_optax')
+  batch_idx = validation.batch_indices(batch_argnums, 'grain_optax')
   diff_args = (argnums,) if isinstance(argnums, int) else tuple(argnums)
   if set(batch_idx) & set(diff_args):
     raise ValueError(
@@ -170,17 +158,13 @@ def group_value_and_grad(
                                       has_aux=has_aux)
 
   def wrapped(*args, **kwargs):
-    if max(batch_idx) >= len(args):
-      raise ValueError(
-          f'grain_optax: batch_argnums={batch_argnums}, but only {len(args)} '
-          'positional arguments were given.')
+    validation.enough_positional(batch_idx, batch_argnums, args,
+                                 'grain_optax')
     groups = tuple(split_into_groups(args[i], num_groups) for i in batch_idx)
 
     def one_group(group_batches):
-      group_args = list(args)
-      for i, group_batch in zip(batch_idx, group_batches):
-        group_args[i] = group_batch
-      return value_and_grad(*group_args, **kwargs)
+      return value_and_grad(*with_batches(args, batch_idx, group_batches),
+                            **kwargs)
 
     if chunk_size is None:
       out = jax.vmap(one_group)(groups)

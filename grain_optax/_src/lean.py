@@ -20,9 +20,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from grain_optax._src import gram as gram_lib
 from grain_optax._src import grouping
+from grain_optax._src import min_norm_point as mnp_lib
 from grain_optax._src import solvers
+from grain_optax._src import validation
 
 
 class GrainGrad(NamedTuple):
@@ -64,10 +65,10 @@ def grain_value_and_grad(
     batch_argnums: Union[int, Sequence[int]] = 1,
     chunk_size: Optional[int] = None,
     example_mask: Optional[Callable[..., Any]] = None,
-    solver: str = 'exact',
-    tolerance: Optional[float] = None,
+    solver: validation.Solver = 'exact',
+    tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[int] = None,
-    regularization: float = 1e-7,
+    regularization: jax.typing.ArrayLike = 1e-7,
 ) -> Callable[..., GrainGrad]:
   r"""The GRAIN gradient of a loss in the memory of an ordinary step.
 
@@ -150,25 +151,22 @@ def grain_value_and_grad(
     >>> updates, _ = tx.update(out.grads, tx.init(jnp.zeros(4)))
   """
   caller = 'grain_optax.grain_value_and_grad'
-  num_groups = grouping.check_num_groups(num_groups)
-  if solver not in solvers.SOLVERS:
-    raise ValueError(
-        f'{caller}: unknown solver {solver!r}; choose one of '
-        f'{solvers.SOLVERS}.')
+  num_groups = validation.check_num_groups(num_groups)
+  solve = solvers.make_solve(
+      solvers.SolverOptions(solver, tolerance, max_iterations, regularization),
+      caller=caller)
   per_group_fn = grouping.group_value_and_grad(
       loss_fn, num_groups, has_aux=has_aux, argnums=argnums,
       batch_argnums=batch_argnums, chunk_size=chunk_size)
-  batch_idx = grouping.batch_indices(batch_argnums, caller)
+  batch_idx = validation.batch_indices(batch_argnums, caller)
   multiple = not isinstance(argnums, int)
   diff_args = tuple(argnums) if multiple else (argnums,)
 
   def group_losses(args, kwargs, groups):
     """``[m]`` losses, the differentiated args shared by all groups."""
     def one(group_batches):
-      group_args = list(args)
-      for i, group in zip(batch_idx, group_batches):
-        group_args[i] = group
-      out = loss_fn(*group_args, **kwargs)
+      out = loss_fn(*grouping.with_batches(args, batch_idx, group_batches),
+                    **kwargs)
       return out[0] if has_aux else out
     return jax.vmap(one)(groups)
 
@@ -185,20 +183,14 @@ def grain_value_and_grad(
     return grads if multiple else grads[0]
 
   def wrapped(*args, **kwargs):
-    if max(batch_idx) >= len(args):
-      raise ValueError(
-          f'{caller}: batch_argnums={batch_argnums}, '
-          f'but only {len(args)} positional arguments were given.')
+    validation.enough_positional(batch_idx, batch_argnums, args, caller)
     (out, per_group) = per_group_fn(*args, **kwargs)
     losses, aux = (out if has_aux else (out, None))
-    gram = gram_lib.gram_matrix(per_group)
     mask = None
     if example_mask is not None:
       mask = grouping.group_mask_of(
           example_mask, [args[i] for i in batch_idx], num_groups, caller)
-    sol = solvers.min_norm_weights(
-        gram, solver=solver, mask=mask, tolerance=tolerance,
-        max_iterations=max_iterations, regularization=regularization)
+    gram, sol = mnp_lib.gram_and_solution(per_group, solve, mask)
     weights = jax.lax.stop_gradient(sol.weights)
     _, valid, _ = solvers.normalize_gram(gram, mask)
     groups = tuple(grouping.split_into_groups(args[i], num_groups)

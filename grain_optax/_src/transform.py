@@ -1,209 +1,21 @@
 """``grain()``: GRAIN as an optax gradient transformation."""
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from grain_optax._src import combine as combine_lib
-from grain_optax._src import gram as gram_lib
-from grain_optax._src import sharding as sharding_lib
+from grain_optax._src import axes as axes_lib
+from grain_optax._src import min_norm_point as mnp_lib
+from grain_optax._src import plan as plan_lib
 from grain_optax._src import solvers
+from grain_optax._src import state as state_lib
 from grain_optax._src import validation
 
 
-class GrainState(NamedTuple):
-  """State of :func:`grain`: what the last update did, for logging.
-
-  Every field describes the most recent call of ``update`` (zeros and uniform
-  weights before the first one).
-
-  Attributes:
-    count: ``[]`` int32, number of updates so far.
-    weights: ``[num_groups]`` float32 convex weights of the last update (zero
-      for excluded groups), or ``None`` when ``num_groups`` was not given to
-      :func:`grain`: the group count is then known only inside ``update``,
-      and a state's shapes are fixed by ``init``, so the weights are not
-      recorded (give ``num_groups`` to log them). ``None`` is an empty
-      subtree: the state still saves and restores with orbax, passes through
-      ``jax.lax.cond`` and ``jit``, and every other field is recorded.
-    kkt_residual: ``[]`` float32 relative KKT residual of the weights (see
-      :func:`kkt_residual`); near 1e-7 or below for the exact solver.
-    norm_ratio: ``[]`` float32 :math:`\\|d\\| / \\|\\bar g\\|`, the norm of the
-      applied update over the norm of the plain mean of the (finite) groups;
-      at most 1; 0 when the mean is zero.
-    min_cosine: ``[]`` float32 smallest cosine between the update :math:`d`
-      and a group gradient; non-negative by construction (GRAIN's guarantee),
-      0 when :math:`d = 0`. Compare with the same statistic for the mean to see
-      how much conflict there was.
-    mean_min_cosine: ``[]`` float32 smallest cosine between the plain mean and
-      a group gradient; negative when the mean would have raised some group's
-      loss to first order.
-    num_nonfinite: ``[]`` int32, groups excluded from the last update because
-      their gradient held NaN or infinity (or overflowed float32 in the Gram).
-    solver_iterations: ``[]`` int32 iterations of the QP solver.
-  """
-  count: jax.Array
-  weights: Optional[jax.Array]
-  kkt_residual: jax.Array
-  norm_ratio: jax.Array
-  min_cosine: jax.Array
-  mean_min_cosine: jax.Array
-  num_nonfinite: jax.Array
-  solver_iterations: jax.Array
-
-
-def _statistics(k, weights, valid):
-  """Norm ratio and worst cosines from the normalised Gram, O(m^2)."""
-  n = jnp.maximum(jnp.sum(valid), 1)
-  mean_w = jnp.where(valid, 1.0 / n, 0.0)
-  diag = jnp.diagonal(k)
-  norms = jnp.sqrt(jnp.maximum(diag, 0.0))
-
-  def worst_cosine(w):
-    kw = jnp.dot(k, w, precision=jax.lax.Precision.HIGHEST)
-    sq = jnp.maximum(jnp.dot(w, kw, precision=jax.lax.Precision.HIGHEST), 0.0)
-    # k has unit largest diagonal: below ||d|| = 1e-6 max_i ||g_i|| (the
-    # solver's float32 floor), d is 0 and its direction is rounding noise.
-    sq = jnp.where(sq > 1e-12, sq, 0.0)
-    denom = jnp.sqrt(sq) * norms
-    cos = jnp.where(valid & (denom > 0), kw / jnp.where(denom > 0, denom, 1.0),
-                    jnp.inf)
-    worst = jnp.min(cos)
-    return jnp.where(jnp.isfinite(worst), jnp.clip(worst, -1.0, 1.0), 0.0), sq
-
-  min_cos, d_sq = worst_cosine(weights)
-  mean_min_cos, mean_sq = worst_cosine(mean_w)
-  ratio = jnp.where(mean_sq > 0, jnp.sqrt(d_sq / jnp.where(mean_sq > 0, mean_sq, 1.0)), 0.0)
-  return ratio, min_cos, mean_min_cos
-
-
-def initial_state(num_weights: Optional[int]) -> GrainState:
-  """The :class:`GrainState` before any update: uniform weights, zeros.
-
-  Args:
-    num_weights: the length of ``weights``; 0 or None records no weights
-      (``weights`` is None; a zero-size array would not save with orbax).
-  """
-  return GrainState(
-      count=jnp.zeros([], jnp.int32),
-      weights=(jnp.full([num_weights], 1.0 / num_weights, jnp.float32)
-               if num_weights else None),
-      kkt_residual=jnp.zeros([], jnp.float32),
-      norm_ratio=jnp.zeros([], jnp.float32),
-      min_cosine=jnp.zeros([], jnp.float32),
-      mean_min_cosine=jnp.zeros([], jnp.float32),
-      num_nonfinite=jnp.zeros([], jnp.int32),
-      solver_iterations=jnp.zeros([], jnp.int32),
-  )
-
-
-def solution_state(previous: GrainState, gram, solution, *, mask=None,
-                   record_weights: bool = True) -> GrainState:
-  """The :class:`GrainState` describing one solve on ``gram``.
-
-  Args:
-    previous: the state before this update (its count is incremented; its
-      weights are kept when ``record_weights`` is False).
-    gram: the ``[m, m]`` Gram matrix that was solved.
-    solution: the :class:`MinNormSolution` of that solve.
-    mask: the ``[m]`` groups that took part (None: all); excluded groups are
-      not counted as non-finite.
-    record_weights: store ``solution.weights`` in the state.
-  """
-  mask = validation.group_mask(mask, gram.shape[0],
-                               'grain_optax.solution_state')
-  k, valid, _ = solvers.normalize_gram(gram, mask)
-  ratio, min_cos, mean_min_cos = _statistics(k, solution.weights, valid)
-  considered = gram.shape[0] if mask is None else jnp.sum(mask)
-  return GrainState(
-      count=optax.safe_increment(previous.count),
-      weights=solution.weights if record_weights else previous.weights,
-      kkt_residual=jnp.asarray(solution.kkt_residual, jnp.float32),
-      norm_ratio=ratio.astype(jnp.float32),
-      min_cosine=min_cos.astype(jnp.float32),
-      mean_min_cosine=mean_min_cos.astype(jnp.float32),
-      num_nonfinite=(considered - jnp.sum(valid)).astype(jnp.int32),
-      solver_iterations=jnp.asarray(solution.num_iterations, jnp.int32),
-  )
-
-
-def make_solve(*, solver: str, tolerance: Any, max_iterations: Any,
-               regularization: Any, stepsize: Any, caller: str):
-  """``solve(gram, mask=None) -> MinNormSolution`` for the given options.
-
-  The numeric options may be arrays, as ``optax.inject_hyperparams`` makes
-  them (traced inside ``jit``); :func:`min_norm_weights` takes them so, except
-  the projected-gradient solver's iteration cap, which jaxopt needs static.
-
-  Raises:
-    ValueError: for an unknown solver, or ``'projected_gradient'`` with a
-      ``max_iterations`` that is not a Python int.
-  """
-  if solver not in solvers.SOLVERS:
-    raise ValueError(
-        f'{caller}: unknown solver {solver!r}; choose one of '
-        f'{solvers.SOLVERS}.')
-  if validation.is_int_like(max_iterations):
-    max_iterations = validation.positive_int(max_iterations, 'max_iterations',
-                                             caller)
-  elif max_iterations is not None and solver == 'projected_gradient':
-    raise ValueError(
-        f"{caller}: with solver='projected_gradient', max_iterations must "
-        f'be a Python int (jaxopt needs a static loop bound), got '
-        f'{max_iterations!r}. With optax.inject_hyperparams, pass '
-        "static_args=('max_iterations',).")
-
-  def solve(gram, mask=None):
-    return solvers.min_norm_weights(
-        gram, solver=solver, mask=mask, tolerance=tolerance,
-        max_iterations=max_iterations, regularization=regularization,
-        stepsize=stepsize)
-
-  return solve
-
-
-def _leaf_flags(mask, updates, params, caller):
-  """The ``mask`` option as one static bool per leaf of ``updates``."""
-  if callable(mask):
-    if params is None:
-      raise ValueError(
-          f'{caller}: mask is a function of the params, so update needs them: '
-          'tx.update(updates, state, params).')
-    mask = mask(params)
-  try:
-    full = jax.tree_util.tree_map(
-        lambda flag, sub: jax.tree_util.tree_map(lambda _: flag, sub),
-        mask, updates)
-  except ValueError as e:
-    raise ValueError(
-        f'{caller}: mask must have the tree structure of the params (or be a '
-        f'prefix of it), with a bool per leaf or subtree. {e}') from None
-  flags = []
-  for path, entry in jax.tree_util.tree_flatten_with_path(full)[0]:
-    flag = None
-    if isinstance(entry, (bool, np.bool_)) or (
-        np.shape(entry) == () and getattr(entry, 'dtype', None) == np.bool_):
-      try:
-        flag = bool(entry)
-      except jax.errors.ConcretizationTypeError:
-        pass
-    if flag is None:
-      raise ValueError(
-          f'{caller}: mask entry for leaf {validation.leaf_name(path)} is '
-          f'{entry!r}; the mask must hold Python bools (it decides shapes at '
-          'trace time). With optax.inject_hyperparams, pass '
-          "static_args=('mask',).")
-    flags.append(flag)
-  if not any(flags):
-    raise ValueError(f'{caller}: mask is False for every leaf; nothing to '
-                     'train.')
-  return flags
-
-
-def _full_group_mask(plan, local_mask, local):
+def _full_group_mask(plan: plan_lib.Plan, local_mask: jax.Array,
+                     local: int) -> jax.Array:
   """Inside shard_map: the ``[m]`` mask of all groups, device-major."""
   index = jax.lax.axis_index(plan.axes)
   full = jnp.zeros([local * plan.size], jnp.int32)
@@ -216,13 +28,13 @@ def grain(
     *,
     num_groups: Optional[int] = None,
     mask: Any = None,
-    solver: str = 'exact',
-    tolerance: Optional[float] = None,
+    solver: validation.Solver = 'exact',
+    tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[int] = None,
-    regularization: float = 1e-7,
-    stepsize: float = 0.0,
-    axis_name: Optional[sharding_lib.AxisName] = None,
-    param_axis_name: Optional[sharding_lib.AxisName] = None,
+    regularization: jax.typing.ArrayLike = 1e-7,
+    stepsize: jax.typing.ArrayLike = 0.0,
+    axis_name: Optional[axes_lib.AxisName] = None,
+    param_axis_name: Optional[axes_lib.AxisName] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
     param_sharding: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -349,17 +161,15 @@ def grain(
         num_groups, 'num_groups', caller, phrase='a positive int',
         hint=(" (with optax.inject_hyperparams, pass "
               "static_args=('num_groups',))"))
-  solve = make_solve(solver=solver, tolerance=tolerance,
-                     max_iterations=max_iterations,
-                     regularization=regularization, stepsize=stepsize,
-                     caller=caller)
+  solve = solvers.make_solve(
+      solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
+                            stepsize), caller=caller)
+  axes_lib.axes_tuple(axis_name, 'axis_name')
+  axes_lib.axes_tuple(param_axis_name, 'param_axis_name')
 
   def init_fn(params):
     del params
-    return initial_state(0 if num_groups is None else num_groups)
-
-  sharding_lib.axes_tuple(axis_name, 'axis_name')
-  sharding_lib.axes_tuple(param_axis_name, 'param_axis_name')
+    return state_lib.initial_state(0 if num_groups is None else num_groups)
 
   def update_fn(updates, state, params=None, *, group_mask=None,
                 **extra_args):
@@ -371,7 +181,7 @@ def grain(
       validation.check_matches_params(updates, params)
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     flags = (None if mask is None
-             else _leaf_flags(mask, updates, params, caller))
+             else validation.leaf_flags(mask, updates, params, caller))
     if flags is None:
       sub_updates, sub_params, sub_sharding = updates, params, param_sharding
     else:
@@ -386,7 +196,7 @@ def grain(
                                            jax.sharding.NamedSharding))
         sub_sharding = pick(jax.tree_util.tree_leaves(
             param_sharding, is_leaf=lambda x: x is None or is_spec(x)))
-    plan = sharding_lib.make_plan(
+    plan = plan_lib.make_plan(
         sub_updates, axis_name=axis_name, param_axis_name=param_axis_name,
         mesh=mesh, param_sharding=sub_sharding, params=sub_params,
         caller=caller)
@@ -406,21 +216,9 @@ def grain(
             f'{caller}: the updates have {m} groups on axis 0, but '
             f'grain(num_groups={num_groups}) was asked for.')
       g_mask = validation.group_mask(group_mask, m, caller)
-    masked_solve = lambda gram: solve(gram, g_mask)
-    if plan is None:
-      gram = gram_lib.gram_matrix(sub_updates)
-      sol = masked_solve(gram)
-      new_sub = combine_lib.combine(sub_updates, sol.weights)
-    else:
-      new_sub, sol, gram = sharding_lib.run(plan, sub_updates, masked_solve)
-    # Every group that takes part is non-finite: a NaN update, so that
-    # apply_if_finite (or the user) sees the step instead of a silent zero.
-    # (The weights are all zero exactly when no group is left.)
+    new_sub, sol, gram = mnp_lib.run(plan, sub_updates, solve, g_mask)
     taking_part = jnp.any(g_mask) if g_mask is not None else True
-    all_nonfinite = taking_part & (jnp.sum(sol.weights) == 0)
-    new_sub = jax.tree_util.tree_map(
-        lambda u: jnp.where(all_nonfinite, jnp.nan, u)
-        if jnp.issubdtype(u.dtype, jnp.inexact) else u, new_sub)
+    new_sub = mnp_lib.nan_if_none_left(new_sub, sol.weights, taking_part)
     if flags is None:
       new_updates = new_sub
     else:
@@ -435,8 +233,8 @@ def grain(
         else:
           out.append(jnp.zeros(leaf.shape[1:], leaf.dtype))
       new_updates = jax.tree_util.tree_unflatten(treedef, out)
-    new_state = solution_state(state, gram, sol, mask=g_mask,
-                               record_weights=num_groups is not None)
+    new_state = state_lib.solution_state(
+        state, gram, sol, mask=g_mask, record_weights=num_groups is not None)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

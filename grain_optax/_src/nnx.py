@@ -1,16 +1,13 @@
-"""Training-loop helpers: per-group gradients of Flax NNX modules, statistics.
+"""Per-group gradients of Flax NNX modules, for :func:`grain`.
 
 Flax is imported only inside :func:`nnx_group_value_and_grad`, so the rest of
 the package never needs it.
 """
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
-import jax
-
-from grain_optax._src import accumulate as accumulate_lib
 from grain_optax._src import grouping
-from grain_optax._src import transform
+from grain_optax._src import validation
 
 
 def nnx_group_value_and_grad(
@@ -31,9 +28,10 @@ def nnx_group_value_and_grad(
   gradients have the structure ``nnx.Optimizer.update`` expects, with a
   leading group axis on every leaf, so one line trains with GRAIN::
 
-    optimizer = nnx.Optimizer(model, optax.chain(grain_optax.grain(),
-                                                 optax.adamw(1e-3)), wrt=nnx.Param)
-    losses, grads = grain_optax.nnx_group_value_and_grad(loss_fn, 4)(model, batch)
+    tx = optax.chain(grain_optax.grain(), optax.adamw(1e-3))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    grad_fn = grain_optax.nnx_group_value_and_grad(loss_fn, 4)
+    losses, grads = grad_fn(model, batch)
     optimizer.update(model, grads)
 
   RNG streams (``nnx.Rngs``, e.g. for ``nnx.Dropout``) are split so that every
@@ -97,7 +95,7 @@ def nnx_group_value_and_grad(
         'grain_optax.nnx_group_value_and_grad needs Flax: '
         'pip install grain_optax[flax]  (or: pip install flax).') from e
 
-  num_groups = grouping.check_num_groups(num_groups)
+  num_groups = validation.check_num_groups(num_groups)
   if wrt is None:
     wrt = nnx.Param
   grad_fn = nnx.value_and_grad(
@@ -131,58 +129,3 @@ def nnx_group_value_and_grad(
     return out + (mask,)
 
   return wrapped
-
-
-def grain_statistics(opt_state: Any) -> Dict[str, transform.GrainState]:
-  """The GRAIN statistics held anywhere in an optimizer state, for logging.
-
-  Finds every :class:`GrainState` in ``opt_state`` (from :func:`grain`, and
-  the ``stats`` of :func:`accumulate`), whether it comes from ``optax``
-  directly, a Linen ``TrainState.opt_state`` or an ``nnx.Optimizer``'s
-  ``opt_state`` (whose ``nnx`` variables are unwrapped to arrays).
-
-  Args:
-    opt_state: an optimizer state, e.g. of
-      ``optax.chain(grain(), accumulate(adamw(...), every_k=4))``.
-
-  Returns:
-    A dict from name to :class:`GrainState` of arrays, in the order found:
-    ``'grain'`` for the within-batch statistics, ``'accumulate'`` for the
-    across-batch ones (``'grain_1'``, ... if there are several).
-
-  Example:
-    >>> import jax.numpy as jnp, optax
-    >>> import grain_optax
-    >>> tx = optax.chain(grain_optax.grain(),
-    ...                  grain_optax.accumulate(optax.sgd(0.1), every_k=2))
-    >>> stats = grain_optax.grain_statistics(tx.init({'w': jnp.zeros(3)}))
-    >>> list(stats), int(stats['accumulate'].count)
-    (['grain', 'accumulate'], 0)
-  """
-  def is_node(x):
-    return isinstance(x, (transform.GrainState, accumulate_lib.AccumulateState))
-
-  def unwrap(x):
-    if hasattr(x, 'get_value'):  # an nnx.Variable
-      return x.get_value()
-    return getattr(x, 'value', x)
-
-  found = {}
-
-  def visit(tree):
-    for node in jax.tree_util.tree_leaves(tree, is_leaf=is_node):
-      if isinstance(node, accumulate_lib.AccumulateState):
-        visit(node.inner_state)
-        add('accumulate', node.stats)
-      elif isinstance(node, transform.GrainState):
-        add('grain', node)
-
-  def add(base, stats):
-    name, i = base, 0
-    while name in found:
-      i += 1
-      name = f'{base}_{i}'
-    found[name] = transform.GrainState(*(unwrap(x) for x in stats))
-
-  visit(opt_state)
-  return found

@@ -1,0 +1,207 @@
+"""Where the exact solver runs: XLA, or one Pallas kernel on CUDA GPUs.
+
+:func:`solve` runs the algorithm of :mod:`wolfe` on the backend it is given:
+
+* ``'auto'``: a Pallas kernel on CUDA GPUs where it compiles, runs and passes
+  a check on a problem of known answer (once per process), XLA elsewhere;
+* ``'xla'``: XLA, with Cholesky solves from LAPACK or cuSOLVER;
+* ``'pallas_interpret'``: the GPU kernel interpreted, on any device (tests).
+
+The backend is an explicit option (``min_norm_weights(exact_backend=...)``);
+when it is None, :func:`default_backend` reads the environment variable
+``GRAIN_OPTAX_EXACT_BACKEND`` (``'auto'``, the default, or ``'xla'``) at trace
+time.
+"""
+
+import concurrent.futures
+import functools
+import os
+import warnings
+from typing import Literal, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grain_optax._src import wolfe
+
+Backend = Literal['auto', 'xla', 'pallas_interpret']
+BACKENDS = ('auto', 'xla', 'pallas_interpret')
+ENVIRONMENT_VARIABLE = 'GRAIN_OPTAX_EXACT_BACKEND'
+
+
+def default_backend() -> Backend:
+  """The backend named by ``GRAIN_OPTAX_EXACT_BACKEND`` (default ``'auto'``).
+
+  Raises:
+    ValueError: if the variable names neither ``'auto'`` nor ``'xla'``.
+  """
+  name = os.environ.get(ENVIRONMENT_VARIABLE, 'auto').strip().lower()
+  if name not in ('auto', 'xla'):
+    raise ValueError(
+        f'grain_optax: {ENVIRONMENT_VARIABLE}={name!r} is not a backend; '
+        "use 'auto' (the default) or 'xla'.")
+  return name
+
+
+def resolve_backend(backend: Optional[str]) -> Backend:
+  """``backend``, checked, or the environment's default when it is None."""
+  if backend is None:
+    return default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f'grain_optax: unknown exact-solver backend {backend!r}; '
+                     f'choose one of {BACKENDS}.')
+  return backend
+
+
+def _kernel(k_ref, v_ref, p_ref, w_ref, it_ref):
+  """Pallas kernel: the whole exact solver on one padded [n, n] Gram."""
+  params = p_ref[...]
+  idx = jax.lax.broadcasted_iota(jnp.int32, params.shape, 0)
+  tolerance = jnp.sum(jnp.where(idx == 0, params, 0.0))
+  regularization = jnp.sum(jnp.where(idx == 1, params, 0.0))
+  max_iterations = jnp.sum(jnp.where(idx == 2, params, 0.0)).astype(jnp.int32)
+  w, iterations = wolfe.core(k_ref[...], v_ref[...], tolerance,
+                             regularization, max_iterations,
+                             wolfe.cholesky_factor)
+  w_ref[...] = w
+  it_ref[...] = jnp.full(it_ref.shape, iterations, jnp.int32)
+
+
+def run_pallas(k: jax.Array, valid_f: jax.Array, tolerance: jax.Array,
+               regularization: jax.Array, max_iterations: int,
+               interpret: bool = False) -> Tuple[jax.Array, jax.Array]:
+  """Runs :func:`wolfe.core` in one Pallas kernel (one launch, no host sync)."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  m = k.shape[0]
+  n = max(16, 1 << (m - 1).bit_length())
+  k_pad = jnp.zeros((n, n), jnp.float32).at[:m, :m].set(k)
+  v_pad = jnp.zeros((n,), jnp.float32).at[:m].set(valid_f)
+  params = jnp.zeros((16,), jnp.float32).at[0].set(tolerance).at[1].set(
+      regularization).at[2].set(jnp.asarray(max_iterations, jnp.float32))
+  w, it = pl.pallas_call(
+      _kernel,
+      out_shape=(jax.ShapeDtypeStruct((n,), jnp.float32),
+                 jax.ShapeDtypeStruct((16,), jnp.int32)),
+      interpret=interpret)(k_pad, v_pad, params)
+  return w[:m], it[0]
+
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_present() -> bool:
+  try:
+    return bool(jax.devices('gpu'))
+  except RuntimeError:
+    return False
+
+
+def probe_pallas(interpret: bool = False) -> np.ndarray:
+  """Builds and runs the kernel on a 2-group problem whose answer is known."""
+  k = np.array([[1.0, 0.0], [0.0, 9.0]], np.float32)
+  if not interpret:
+    k = jax.device_put(k, jax.devices('gpu')[0])
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    w, _ = jax.jit(lambda k: run_pallas(
+        k, jnp.ones(2, jnp.float32), 1e-7, 1e-7, 32, interpret=interpret))(k)
+    w = np.asarray(w)
+  if not np.allclose(w / w.sum(), [0.9, 0.1], atol=1e-5):
+    raise RuntimeError(f'the kernel returned {w}, expected [0.9, 0.1]')
+  return w
+
+
+@functools.lru_cache(maxsize=None)
+def _pallas_usable() -> bool:
+  """Whether the Pallas kernel compiles, runs and is right on this GPU.
+
+  Checked once per process on a 2-group problem with a known answer. Pallas'
+  GPU backends change between JAX releases (the Triton one is deprecated):
+  where the kernel cannot be built, the exact solver runs under XLA instead,
+  with a warning, rather than failing the training step. The probe runs in
+  a worker thread: this is called while a training step is being traced, and
+  tracing contexts are per thread, so the probe runs eagerly there.
+  """
+  try:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pool.submit(probe_pallas).result()
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.warn(
+        'grain_optax: the exact solver\'s Pallas GPU kernel is unavailable on '
+        f'this JAX ({jax.__version__}): {type(e).__name__}: {e}. The same '
+        'algorithm runs under XLA instead (correct, with a few more '
+        'microseconds per step).', RuntimeWarning, stacklevel=2)
+    return False
+
+
+# The kernel runs as one GPU program, so its n^3 factorisation is serial
+# work: measured on an H200 (benchmarks/qp_solvers.py), 0.02-0.04 ms of device
+# time up to m = 32, but 0.54 ms at m = 64 and 5.1 ms at m = 128, where XLA's
+# cuSOLVER path takes 0.11 and 0.63 ms. Larger problems run under XLA.
+_KERNEL_MAX_GROUPS = 32
+
+
+def solve(k: jax.Array, valid: jax.Array, tolerance: jax.typing.ArrayLike,
+          max_iterations: jax.typing.ArrayLike,
+          regularization: jax.typing.ArrayLike,
+          backend: Backend) -> Tuple[jax.Array, jax.Array]:
+  """The exact solver on a normalised Gram, on ``backend``.
+
+  Args:
+    k: ``[m, m]`` normalised Gram (see :func:`solvers.normalize_gram`).
+    valid: ``[m]`` bool, the groups that take part.
+    tolerance: KKT tolerance for adding a group.
+    max_iterations: cap on the linear solves.
+    regularization: ridge added to the diagonal.
+    backend: ``'auto'``, ``'xla'`` or ``'pallas_interpret'`` (see
+      :data:`BACKENDS`).
+
+  Returns:
+    ``(weights, iterations)``: ``[m]`` float32 weights on the simplex (NaN if
+    no group takes part) and the int32 number of linear solves.
+  """
+  valid_f = valid.astype(jnp.float32)
+  tolerance = jnp.asarray(tolerance, jnp.float32)
+  regularization = jnp.asarray(regularization, jnp.float32)
+
+  def on_xla(k, valid_f, tolerance, regularization):
+    return wolfe.core(k, valid_f, tolerance, regularization, max_iterations,
+                      wolfe.lapack_cholesky_factor)
+
+  def on_pallas(k, valid_f, tolerance, regularization):
+    try:
+      return run_pallas(k, valid_f, tolerance, regularization,
+                        max_iterations)
+    except ValueError:
+      # Pallas cannot type its outputs in this context (e.g. inside
+      # ``jax.shard_map`` with ``check_vma=True`` on JAX versions whose
+      # ShapeDtypeStruct needs the manual axes spelled out): same algorithm
+      # under XLA instead.
+      return on_xla(k, valid_f, tolerance, regularization)
+
+  args = (k, valid_f, tolerance, regularization)
+  if backend == 'xla':
+    w, iterations = on_xla(*args)
+  elif backend == 'pallas_interpret':
+    w, iterations = run_pallas(*args, max_iterations, interpret=True)
+  elif (k.shape[0] <= _KERNEL_MAX_GROUPS and _gpu_present()
+        and _pallas_usable()):
+    # platform_dependent picks the branch for the device the computation
+    # lands on (a jit may target the CPU on a GPU host).
+    w, iterations = jax.lax.platform_dependent(
+        *args, cuda=on_pallas, default=on_xla)
+  else:
+    # No GPU at all: never trace the Pallas branch.
+    w, iterations = on_xla(*args)
+  # Identical groups (equal rows of K, bit for bit) get equal weights: the
+  # average over each class of duplicates changes neither d nor K w.
+  same = ((k == jnp.diagonal(k)[:, None]) & (k == jnp.diagonal(k)[None, :])
+          & valid[:, None] & valid[None, :])
+  w = jnp.where(valid, jnp.maximum(w, 0.0), 0.0)
+  w = jnp.dot(same.astype(jnp.float32), w,
+              precision=jax.lax.Precision.HIGHEST) / jnp.maximum(
+      jnp.sum(same, axis=1), 1).astype(jnp.float32)
+  w = jnp.where(valid, w, 0.0)
+  return w / jnp.sum(w), iterations
+
