@@ -1,7 +1,7 @@
 """A GPT-style causal LM in Flax NNX and the training steps the benchmarks time.
 
 Shared by ``step_overhead.py``, ``memory.py`` and ``qp_solvers.py``. The full
-configuration is the one of issue 4 and DESIGN.md section 4: d_model 768, 12
+configuration is the one of issue 4 (see benchmarks/RESULTS.md): d_model 768, 12
 layers, 12 heads, sequence 256, batch 32, vocabulary 8192 with a tied output
 head (91.5 M parameters), bfloat16 matmuls, float32 parameters, AdamW, fused
 causal attention (``jax.nn.dot_product_attention``, cuDNN on a GPU).
@@ -33,16 +33,13 @@ import optax
 from flax import nnx
 
 import grain_optax
-from grain_optax._src import solvers as _solvers  # pylint: disable=g-bad-import-order
 
 # GRAIN_EXACT_BACKEND=xla runs the exact solver under XLA even on a CUDA GPU
-# (run_gpu.sh sets it if the Pallas kernel fails its check on the machine).
-# Kept open for the whole process (a module-level reference, so that it is
-# never closed); exact_backend validates the name.
-_BACKEND_OVERRIDE = None
+# (run_gpu.sh sets it if the Pallas kernel fails its check on the machine):
+# it becomes the library's process default, GRAIN_OPTAX_EXACT_BACKEND, which
+# is read (and checked) whenever a step is traced.
 if os.environ.get('GRAIN_EXACT_BACKEND'):
-  _BACKEND_OVERRIDE = _solvers.exact_backend(os.environ['GRAIN_EXACT_BACKEND'])
-  _BACKEND_OVERRIDE.__enter__()  # pylint: disable=unnecessary-dunder-call
+  os.environ['GRAIN_OPTAX_EXACT_BACKEND'] = os.environ['GRAIN_EXACT_BACKEND']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,13 +204,15 @@ def compile_step(step, params, opt_state, batch):
     return step.lower(params, opt_state, batch).compile()
   import _gram_variants  # pylint: disable=g-import-not-at-top
   from grain_optax._src import gram as gram_lib  # pylint: disable=g-import-not-at-top
-  saved = gram_lib.gram_matrix
-  gram_lib.gram_matrix = _gram_variants.make_gram(
+  # Every single-device Gram of grain(), accumulate() and the lean mode is
+  # taken by gram_of_leaves (through min_norm_point's orchestrator).
+  saved = gram_lib.gram_of_leaves
+  gram_lib.gram_of_leaves = _gram_variants.make_gram(
       variant, interpret=jax.default_backend() != 'gpu')
   try:
     return step.lower(params, opt_state, batch).compile()
   finally:
-    gram_lib.gram_matrix = saved
+    gram_lib.gram_of_leaves = saved
 
 
 def memory_of(compiled) -> Dict[str, int]:

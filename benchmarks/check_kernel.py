@@ -20,13 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import grain_optax
-from grain_optax._src import solvers
 
 
 def _solve(backend, k):
-  # A fresh function, so that the backend is read at trace time.
-  with solvers.exact_backend(backend):
-    return jax.jit(lambda k: grain_optax.min_norm_weights(k))(k)
+  return jax.jit(lambda k: grain_optax.min_norm_weights(
+      k, exact_backend=backend))(k)
 
 
 def main():
@@ -53,8 +51,8 @@ def main():
   for m in (32, 64, 128, 256):
     grams = _family(m)
     for backend in ('auto', 'xla'):
-      with solvers.exact_backend(backend):
-        sol = jax.jit(jax.vmap(grain_optax.min_norm_weights))(grams)
+      sol = jax.jit(jax.vmap(lambda k, b=backend: grain_optax.min_norm_weights(
+          k, exact_backend=b)))(grams)
       residual = _kkt64(grams, sol.weights)
       iterations = np.asarray(sol.num_iterations)
       print(f'family m={m:3d} {backend:4s}: {len(grams)} Grams, worst float64 '

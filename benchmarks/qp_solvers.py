@@ -19,11 +19,10 @@ and the worst relative KKT residual max_i (w'Kw - (Kw)_i) / max_i K_ii,
 recomputed in float64 on the host.
 
 Usage: python benchmarks/qp_solvers.py --config full [--sizes 2 4 ...]
-           [--solvers exact active_set projected_gradient] [--json out.jsonl]
+           [--solvers exact 'exact[xla]' projected_gradient] [--json out.jsonl]
 """
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -61,15 +60,16 @@ EXPERIMENTS = ('exact[xla]',)
 
 
 def make_solver(name):
-  """A jitted ``k -> MinNormSolution`` and the exact solver's backend to use.
+  """A jitted ``k -> MinNormSolution`` for ``name``.
 
   ``'exact[xla]'`` is the exact solver with its XLA implementation forced
   (on a GPU the default runs it as one Pallas kernel).
   """
   if name in grain_optax.SOLVERS:
-    return jax.jit(lambda k: grain_optax.min_norm_weights(k, solver=name)), None
+    return jax.jit(lambda k: grain_optax.min_norm_weights(k, solver=name))
   base, backend = name[:-1].split('[')
-  return jax.jit(lambda k: grain_optax.min_norm_weights(k, solver=base)), backend
+  return jax.jit(lambda k: grain_optax.min_norm_weights(
+      k, solver=base, exact_backend=backend))
 
 
 def make_grams(family, m, count, seed=0):
@@ -148,19 +148,15 @@ def main(argv=None):
   print(json.dumps({'benchmark': 'qp_solvers', 'env': info}))
   on_gpu = info['platform'] == 'gpu'
   rows = []
-  from grain_optax._src import solvers as solvers_lib  # pylint: disable=g-import-not-at-top
   names = list(args.solvers) + (list(EXPERIMENTS) if args.experimental else [])
   for family in args.families:
     for m in sizes:
       grams = [jnp.asarray(k) for k in make_grams(family, m, ngrams)]
       for solver in names:
-        fn, method = make_solver(solver)
+        fn = make_solver(solver)
         t0 = time.perf_counter()
         try:
-          # The first calls trace (and fix) the backend of the exact solver.
-          with (solvers_lib.exact_backend(method) if method
-                else contextlib.nullcontext()):
-            sols = [jax.block_until_ready(fn(k)) for k in grams]
+          sols = [jax.block_until_ready(fn(k)) for k in grams]
         except Exception as e:  # pylint: disable=broad-except
           print(json.dumps({'benchmark': 'qp_solvers', 'solver': solver,
                             'm': m, 'error': f'{type(e).__name__}: {e}'[:400]}))
