@@ -1,4 +1,4 @@
-"""Checks of GRAIN on 8 CPU devices, run by tests/test_sharding.py.
+"""Checks of GRAIN on 8 CPU devices, run by tests/test_min_norm_point.py.
 
 Usage: python tests/_sharding_devices.py CASE   (CASE: jit, shard_map, fsdp)
 

@@ -1,4 +1,4 @@
-"""One process of a 2-process GRAIN run, started by tests/test_sharding.py.
+"""One process of a 2-process GRAIN run, started by tests/test_min_norm_point.py.
 
 Usage: python tests/_sharding_multihost.py PROCESS_ID NUM_PROCESSES PORT OUT
 

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from _asserts import params_like
 import grain_optax
 
 
@@ -14,10 +15,6 @@ def per_group(seed, m=4):
   return {'head': jnp.asarray(rng.normal(size=(m, 3)), jnp.float32),
           'body': {'w': jnp.asarray(rng.normal(size=(m, 2, 2)), jnp.float32),
                    'b': jnp.asarray(rng.normal(size=(m,)), jnp.float32)}}
-
-
-def params_like(tree):
-  return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape[1:], x.dtype), tree)
 
 
 TRAINABLE = {'head': True, 'body': False}

@@ -137,7 +137,7 @@ def test_lean_mode_takes_the_example_mask_too():
 
 def test_group_mask_with_groups_spread_over_devices_is_each_devices_own():
   # jax.vmap with axis_name stands in for 2 devices of a shard_map (the
-  # collective path; tests/test_sharding.py runs real devices).
+  # collective path; tests/test_min_norm_point.py runs real devices).
   rng = np.random.default_rng(3)
   g = jnp.asarray(rng.normal(size=(2, 2, 5)), jnp.float32)  # [device, k, P]
   g = g.at[0, 1].set(0.0).at[1, 0].set(jnp.nan)            # two empty groups

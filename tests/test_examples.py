@@ -1,19 +1,8 @@
 """The examples run, and GRAIN + AdamW trains a real model on real data."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'examples'
-
-
-def load_example(name):
-  spec = importlib.util.spec_from_file_location(name, EXAMPLES / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
+from _asserts import load_example
 
 def test_grain_adamw_trains_digits_to_95_percent():
   quickstart = load_example('quickstart')

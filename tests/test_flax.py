@@ -1,7 +1,5 @@
 """GRAIN in Flax: NNX (nnx.Optimizer) and Linen (TrainState), and the examples."""
 
-import importlib.util
-import pathlib
 import re
 
 import chex
@@ -15,8 +13,8 @@ import optax
 import pytest
 
 import grain_optax
+from _asserts import load_example
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'examples'
 M = 4
 
 
@@ -255,13 +253,6 @@ def test_linen_train_state_takes_per_group_gradients():
   assert list(stats) == ['grain', 'accumulate']
   assert int(stats['accumulate'].count) == 1
   assert float(stats['accumulate'].min_cosine) >= -1e-6
-
-
-def load_example(name):
-  spec = importlib.util.spec_from_file_location(name, EXAMPLES / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.mark.parametrize('name', ['flax_nnx', 'flax_linen'])

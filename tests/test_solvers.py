@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import _xla_flags
+from _asserts import assert_simplex
 import grain_optax
 import reference
 
@@ -32,12 +33,6 @@ def random_gram(seed, m, rank, scale, common):
   g = g + common * rng.normal(size=(1, p))
   g = g * scale
   return g, (g @ g.T).astype(np.float32)
-
-
-def assert_simplex(w, atol=1e-6):
-  w = np.asarray(w, np.float64)
-  assert np.all(w >= 0), w
-  np.testing.assert_allclose(w.sum(), 1.0, atol=atol)
 
 
 gram_cases = st.tuples(

@@ -1,4 +1,5 @@
-"""The exact solver's GPU kernel (Pallas), run in interpret mode on the CPU.
+"""exact.py and wolfe.py: the exact solver on each backend (the GPU kernel
+in interpret mode on the CPU).
 
 On CUDA GPUs ``min_norm_weights(solver='exact')`` runs its whole algorithm
 as one Pallas kernel (no host round trip); elsewhere the same algorithm runs
