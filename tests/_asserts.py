@@ -7,6 +7,7 @@ that conflicts with no group (GRAIN's guarantee <d, g_i> >= ||d||^2).
 
 import importlib.util
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,8 @@ def params_like(per_group):
 
 def load_example(name):
   """Imports ``examples/<name>.py`` as a module."""
+  if str(EXAMPLES) not in sys.path:  # Some examples import their siblings.
+    sys.path.insert(0, str(EXAMPLES))
   spec = importlib.util.spec_from_file_location(name, EXAMPLES / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

