@@ -154,6 +154,19 @@ def grain(
     ...                            group_mask=jnp.array([True, True, False]))
     >>> updates['body'].tolist()
     [0.0, 0.0, 0.0]
+
+  References:
+    GRAIN: Group Aggregation via min-norm objective, arXiv:2606.22917.
+
+    Désidéri, `Multiple-gradient descent algorithm (MGDA) for multiobjective
+    optimization <https://doi.org/10.1016/j.crma.2012.03.014>`_, Comptes
+    Rendus Mathématique, 2012.
+
+    Sener & Koltun, `Multi-task learning as multi-objective optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018.
+
+    Wolfe, `Finding the nearest point in a polytope
+    <https://doi.org/10.1007/BF01580381>`_, Mathematical Programming, 1976.
   """
   caller = 'grain_optax.grain'
   if num_groups is not None:
