@@ -27,7 +27,7 @@ FAST_COMPILE_FLAGS = ('--xla_cpu_use_fusion_emitters=false '
 def use_fast_compile_flags():
   if os.environ.get('GRAIN_OPTAX_TEST_FAST_COMPILE', '1') == '0':
     return
-  if FAST_COMPILE_FLAGS in os.environ.get('XLA_FLAGS', ''):
+  if fast_flags_active():
     return  # Set by the pytest process that started this one.
   flags = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE_FLAGS).strip()
   probe = ('import jax, jax.numpy as jnp; '
@@ -41,7 +41,6 @@ def use_fast_compile_flags():
     return
   if proc.returncode == 0 and proc.stdout.strip().endswith('cpu'):
     os.environ['XLA_FLAGS'] = flags
-
 
 
 def fast_flags_active() -> bool:
