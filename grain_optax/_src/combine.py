@@ -1,6 +1,6 @@
 """Combining per-group updates with convex weights."""
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +44,22 @@ def combine(per_group: Any, weights: jax.typing.ArrayLike) -> Any:
   return weighted_sum(per_group, weights)
 
 
-def weighted_sum(per_group: Any, weights: jax.Array) -> Any:
-  """:func:`combine` of a checked tree and ``[m]`` weights."""
+def weighted_sum(per_group: Any, weights: jax.Array,
+                 dtypes: Optional[Sequence[Any]] = None) -> Any:
+  """:func:`combine` of a checked tree and ``[m]`` weights.
+
+  ``dtypes``: per leaf (in flattening order), the dtype of the result; None
+  for each leaf's own.
+  """
   weights = jnp.asarray(weights).astype(jnp.float32)
   m = weights.shape[0]
 
-  def leaf_combine(leaf):
+  def leaf_combine(leaf, dtype):
     w = weights.reshape((m,) + (1,) * (leaf.ndim - 1))
     terms = jnp.where(w != 0, w * leaf.astype(jnp.float32), 0.0)
-    return jnp.sum(terms, axis=0).astype(leaf.dtype)
+    return jnp.sum(terms, axis=0).astype(dtype or leaf.dtype)
 
-  return jax.tree_util.tree_map(leaf_combine, per_group)
+  leaves, treedef = jax.tree_util.tree_flatten(per_group)
+  dtypes = [None] * len(leaves) if dtypes is None else list(dtypes)
+  return jax.tree_util.tree_unflatten(
+      treedef, [leaf_combine(x, d) for x, d in zip(leaves, dtypes)])

@@ -5,7 +5,10 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from grain_optax._src import backward_dtype
 from grain_optax._src import validation
+
+GRAD_DTYPES = ('backward', 'params')
 
 
 def split_into_groups(batch: Any, num_groups: int) -> Any:
@@ -78,6 +81,7 @@ def group_value_and_grad(
     batch_argnums: Union[int, Sequence[int]] = 1,
     chunk_size: Optional[int] = None,
     example_mask: Optional[Callable[..., Any]] = None,
+    grad_dtype: str = 'backward',
 ) -> Callable[..., Any]:
   r"""Per-group losses and gradients of ``loss_fn`` by ``vmap``.
 
@@ -108,6 +112,18 @@ def group_value_and_grad(
       valid example), to pass on as ``tx.update(grads, state, params,
       group_mask=group_mask)``: a group made only of padding has a zero
       gradient, which would make the GRAIN update zero.
+    grad_dtype: ``'backward'`` (default): each gradient leaf in the dtype the
+      backward pass produces it in, where that loses nothing: a float32
+      parameter whose only use in ``loss_fn`` is one cast to a narrower float
+      (``w.astype(jnp.bfloat16)``, as Flax layers with ``dtype=bfloat16``
+      and ``param_dtype=float32`` do) has per-group gradients in that
+      narrower dtype, since its float32 gradient is exactly their cast. The
+      m gradients then take half the memory and bandwidth, and :func:`grain`
+      forms the Gram matrix and the combination in float32 and returns the
+      update in the params' dtype. A parameter used any other way (twice, as
+      in tied embeddings, or in float32 arithmetic) keeps its own dtype.
+      ``'params'``: every gradient leaf in its parameter's dtype, as
+      ``jax.grad`` returns it.
 
   Returns:
     A function with the signature of ``loss_fn`` returning
@@ -117,9 +133,9 @@ def group_value_and_grad(
     ``((losses, aux), grads, group_mask)``).
 
   Raises:
-    ValueError: if ``num_groups < 1``, ``chunk_size < 1`` or
-      ``batch_argnums`` is bad, or (when called) a batch leaf's size is not
-      divisible by ``num_groups``.
+    ValueError: if ``num_groups < 1``, ``chunk_size < 1``,
+      ``batch_argnums`` or ``grad_dtype`` is bad, or (when called) a batch
+      leaf's size is not divisible by ``num_groups``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -149,6 +165,10 @@ def group_value_and_grad(
     chunk_size = validation.positive_int(
         chunk_size, 'chunk_size', 'grain_optax', phrase='None or an int >= 1')
   batch_idx = validation.batch_indices(batch_argnums, 'grain_optax')
+  if grad_dtype not in GRAD_DTYPES:
+    raise ValueError(
+        f'grain_optax: grad_dtype={grad_dtype!r}; expected one of '
+        f'{GRAD_DTYPES}.')
   diff_args = (argnums,) if isinstance(argnums, int) else tuple(argnums)
   if set(batch_idx) & set(diff_args):
     raise ValueError(
@@ -157,10 +177,38 @@ def group_value_and_grad(
   value_and_grad = jax.value_and_grad(loss_fn, argnums=argnums,
                                       has_aux=has_aux)
 
+  def narrowed_args(args, kwargs, groups):
+    """``args`` with each losslessly narrowable leaf cast (see grad_dtype)."""
+    diff = tuple(args[i] for i in diff_args)
+    leaves, treedef = jax.tree_util.tree_flatten(diff)
+
+    def loss_of(new_leaves):
+      def one(group_batches):
+        full = with_batches(args, batch_idx, group_batches)
+        for i, x in zip(diff_args,
+                        jax.tree_util.tree_unflatten(treedef, new_leaves)):
+          full[i] = x
+        out = loss_fn(*full, **kwargs)
+        return out[0] if has_aux else out
+      return jax.vmap(one)(groups)
+
+    dtypes = backward_dtype.narrow_dtypes(loss_of, leaves)
+    if not any(dtypes):
+      return args
+    new = jax.tree_util.tree_unflatten(treedef, [
+        x if d is None else jnp.asarray(x).astype(d)
+        for x, d in zip(leaves, dtypes)])
+    out = list(args)
+    for i, x in zip(diff_args, new):
+      out[i] = x
+    return tuple(out)
+
   def wrapped(*args, **kwargs):
     validation.enough_positional(batch_idx, batch_argnums, args,
                                  'grain_optax')
     groups = tuple(split_into_groups(args[i], num_groups) for i in batch_idx)
+    if grad_dtype == 'backward':
+      args = narrowed_args(args, kwargs, groups)
 
     def one_group(group_batches):
       return value_and_grad(*with_batches(args, batch_idx, group_batches),

@@ -69,6 +69,7 @@ def grain_value_and_grad(
     tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[int] = None,
     regularization: jax.typing.ArrayLike = 1e-7,
+    grad_dtype: str = 'backward',
 ) -> Callable[..., GrainGrad]:
   r"""The GRAIN gradient of a loss in the memory of an ordinary step.
 
@@ -124,6 +125,9 @@ def grain_value_and_grad(
     tolerance: solver tolerance, see :func:`min_norm_weights`.
     max_iterations: solver iteration cap, see :func:`min_norm_weights`.
     regularization: ridge of the exact solvers, see :func:`min_norm_weights`.
+    grad_dtype: the dtype of the first pass's group gradients, see
+      :func:`group_value_and_grad` (``grads`` is always in the dtypes of the
+      differentiated arguments).
 
   Returns:
     A function with the signature of ``loss_fn`` returning a
@@ -157,7 +161,8 @@ def grain_value_and_grad(
       caller=caller)
   per_group_fn = grouping.group_value_and_grad(
       loss_fn, num_groups, has_aux=has_aux, argnums=argnums,
-      batch_argnums=batch_argnums, chunk_size=chunk_size)
+      batch_argnums=batch_argnums, chunk_size=chunk_size,
+      grad_dtype=grad_dtype)
   batch_idx = validation.batch_indices(batch_argnums, caller)
   multiple = not isinstance(argnums, int)
   diff_args = tuple(argnums) if multiple else (argnums,)

@@ -45,7 +45,7 @@ References:
 """
 
 import math
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -68,8 +68,9 @@ def _buckets(leaves, key):
   return list(groups.items())
 
 
-def _flatten_bucket(leaves, idx, rows, multiple):
-  x = jnp.concatenate([leaves[i].reshape(rows, -1) for i in idx], axis=1)
+def _flatten_bucket(leaves, idx, rows, multiple, dtype):
+  x = jnp.concatenate([leaves[i].reshape(rows, -1).astype(dtype)
+                       for i in idx], axis=1)
   n = x.shape[1]
   pad = (-n) % multiple
   if pad:
@@ -86,7 +87,14 @@ def _unflatten_bucket(flat, leaves, idx, out):
     offset += size
 
 
-def _run_manual(plan, leaves, solve):
+def _moved_dtype(leaf, communication_dtype):
+  """The dtype a leaf's blocks move between devices in."""
+  if communication_dtype is None:
+    return jnp.dtype(leaf.dtype)
+  return jnp.dtype(communication_dtype)
+
+
+def _run_manual(plan, leaves, solve, communication_dtype):
   axes, param_axes, size = plan.axes, plan.param_axes, plan.size
   k = leaves[0].shape[0]
   tracked = axes_lib.vma_tracked(tuple(axes) + tuple(param_axes))
@@ -121,12 +129,14 @@ def _run_manual(plan, leaves, solve):
     # Groups not spread, only parameter blocks: no data movement at all.
     gram = gram_lib.gram_of_leaves(leaves, param_axes)
     sol = solve(gram)
-    return combine_lib.weighted_sum(leaves, sol.weights), sol, gram
+    wide = [jnp.promote_types(leaf.dtype, jnp.float32) for leaf in leaves]
+    return combine_lib.weighted_sum(leaves, sol.weights, wide), sol, gram
 
-  buckets = _buckets(leaves, lambda i: (jnp.dtype(leaves[i].dtype), sharded[i]))
+  buckets = _buckets(leaves, lambda i: (
+      _moved_dtype(leaves[i], communication_dtype), sharded[i]))
   blocks, grams_rep, grams_shard = [], [], []
   for (dtype, is_sharded), idx in buckets:
-    x, n = _flatten_bucket(leaves, idx, k, size)
+    x, n = _flatten_bucket(leaves, idx, k, size, dtype)
     if axes:  # Even for one device: the collectives type d as replicated.
       x = x.reshape(k, size, -1)
       x = jax.lax.all_to_all(x, axes, 1, 0, tiled=True)
@@ -167,7 +177,7 @@ def _leaf_target(trailing, shape, axes, size, sizes):
   return tuple(new)
 
 
-def _run_partitioned(plan, leaves, solve):
+def _run_partitioned(plan, leaves, solve, communication_dtype):
   axes, size = plan.axes, plan.size
   m = leaves[0].shape[0]
   explicit = plan.kind == 'explicit'
@@ -186,12 +196,12 @@ def _run_partitioned(plan, leaves, solve):
 
   flat_path = [not axes_lib.used_axes(t) and not axes_lib.used_axes(o)
                for t, o in plan.leaf_specs]
-  buckets = _buckets(
-      leaves, lambda i: (jnp.dtype(leaves[i].dtype), flat_path[i]))
+  buckets = _buckets(leaves, lambda i: (
+      _moved_dtype(leaves[i], communication_dtype), flat_path[i]))
   grams, blocks = [], []
-  for (_, is_flat), idx in buckets:
+  for (dtype, is_flat), idx in buckets:
     if is_flat:
-      x, n = _flatten_bucket(leaves, idx, m, size)
+      x, n = _flatten_bucket(leaves, idx, m, size, dtype)
       x = constrain(x, axes_lib.spec(None, axes))
       grams.append(gram_lib.leaf_gram(x, gram_out))
       blocks.append((x, n, idx))
@@ -200,7 +210,7 @@ def _run_partitioned(plan, leaves, solve):
         trailing, _ = plan.leaf_specs[i]
         target = _leaf_target(trailing, leaves[i].shape[1:], axes, size,
                               plan.mesh_sizes)
-        x = constrain(leaves[i], axes_lib.spec(None, *target))
+        x = constrain(leaves[i].astype(dtype), axes_lib.spec(None, *target))
         # Contract in place: flattening would gather minor-axis shards.
         grams.append(gram_lib.leaf_gram(x, gram_out))
         blocks.append((x, None, [i]))
@@ -232,7 +242,8 @@ def gram_and_solution(per_group: Any, solve: solvers.Solve, mask: Any = None
 
 
 def run(plan: Optional[plan_lib.Plan], per_group: Any, solve: solvers.Solve,
-        mask: Any = None) -> 'MinNormPoint':
+        mask: Any = None, *, out_dtypes: Optional[Sequence[Any]] = None,
+        communication_dtype: Any = None) -> 'MinNormPoint':
   """The min-norm point of checked per-group updates, as ``plan`` says.
 
   Args:
@@ -242,18 +253,26 @@ def run(plan: Optional[plan_lib.Plan], per_group: Any, solve: solvers.Solve,
       :func:`solvers.make_solve`.
     mask: the ``[m]`` bool groups that take part (all ``m`` groups, inside
       ``shard_map`` too), or None for all.
+    out_dtypes: per leaf, the dtype of the update (None: the leaf's own).
+    communication_dtype: the dtype group blocks and ``d`` move between
+      devices in (None: each leaf's own); unused on one device.
   """
+  leaves, treedef = jax.tree_util.tree_flatten(per_group)
+  if out_dtypes is None:
+    out_dtypes = [leaf.dtype for leaf in leaves]
   if plan is None:
     gram, sol = gram_and_solution(per_group, solve, mask)
-    return MinNormPoint(combine_lib.weighted_sum(per_group, sol.weights), sol,
-                        gram)
+    return MinNormPoint(
+        combine_lib.weighted_sum(per_group, sol.weights, out_dtypes), sol,
+        gram)
   masked_solve = lambda gram: solve(gram, mask)
-  leaves, treedef = jax.tree_util.tree_flatten(per_group)
   if plan.kind == 'manual':
-    out, sol, gram = _run_manual(plan, leaves, masked_solve)
+    out, sol, gram = _run_manual(plan, leaves, masked_solve,
+                                 communication_dtype)
   else:
-    out, sol, gram = _run_partitioned(plan, leaves, masked_solve)
-  out = [o.astype(leaf.dtype) for o, leaf in zip(out, leaves)]
+    out, sol, gram = _run_partitioned(plan, leaves, masked_solve,
+                                      communication_dtype)
+  out = [o.astype(d) for o, d in zip(out, out_dtypes)]
   return MinNormPoint(jax.tree_util.tree_unflatten(treedef, out), sol, gram)
 
 
@@ -303,6 +322,7 @@ def min_norm_point(
     max_iterations: Optional[int] = None,
     regularization: jax.typing.ArrayLike = 1e-7,
     stepsize: jax.typing.ArrayLike = 0.0,
+    communication_dtype: Any = None,
 ) -> MinNormPoint:
   r"""Min-norm point of group gradients that may be spread over devices.
 
@@ -350,6 +370,16 @@ def min_norm_point(
     max_iterations: see :func:`min_norm_weights`.
     regularization: see :func:`min_norm_weights`.
     stepsize: see :func:`min_norm_weights`.
+    communication_dtype: the dtype the group blocks and :math:`d` move
+      between devices in, e.g. ``jnp.bfloat16``. None (default): each leaf's
+      own dtype, which for per-group gradients from
+      :func:`group_value_and_grad` is the dtype the backward pass produced
+      (bfloat16 for the weights of bfloat16 matmuls), so the bytes sent match
+      those of the mean's all-reduce. The Gram matrix and the combination are
+      accumulated in float32 either way; a dtype narrower than the leaves'
+      rounds the groups before the Gram (the weights are optimal for the
+      rounded groups) and :math:`d` before it is gathered. Unused on one
+      device.
 
   Returns:
     A :class:`MinNormPoint` ``(update, solution, gram)``.
@@ -378,8 +408,10 @@ def min_norm_point(
   solve = solvers.make_solve(
       solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
                             stepsize), caller=caller)
+  communication_dtype = validation.float_dtype(
+      communication_dtype, 'communication_dtype', caller)
   validation.group_count(per_group)
   plan = plan_lib.make_plan(per_group, axis_name=axis_name,
                             param_axis_name=param_axis_name, mesh=mesh,
                             param_sharding=param_sharding, caller=caller)
-  return run(plan, per_group, solve)
+  return run(plan, per_group, solve, communication_dtype=communication_dtype)

@@ -37,6 +37,7 @@ def grain(
     param_axis_name: Optional[axes_lib.AxisName] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
     param_sharding: Any = None,
+    communication_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GRAIN: replace the mean of group gradients by their min-norm combination.
 
@@ -112,6 +113,12 @@ def grain(
       ``PartitionSpec`` tree; leaves sharded along their dimensions (FSDP)
       keep that layout instead of being gathered. With ``Explicit`` axes it
       is read from ``params``.
+    communication_dtype: across devices, the dtype the group blocks and the
+      update move in (see :func:`min_norm_point`). None (default): each
+      leaf's own dtype; with :func:`group_value_and_grad`'s default
+      ``grad_dtype='backward'`` the bytes sent then match those of the mean's
+      all-reduce. ``jnp.float32`` moves bfloat16 groups without rounding
+      the update, at twice the bytes.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its
@@ -120,7 +127,9 @@ def grain(
     each device's ``[k]`` mask of its own groups) and ignores other extra
     keyword arguments. Pass ``params``: per-group updates that are not
     ``params`` with a leading group axis (e.g. an ordinary gradient) are then
-    rejected at trace time.
+    rejected at trace time, and the update of each leaf comes in its
+    parameter's dtype (float32 for float32 params even where the per-group
+    gradients are bfloat16); without ``params``, in the per-group dtype.
 
   Raises:
     ValueError: at construction, for a bad ``num_groups`` or an unknown
@@ -179,6 +188,8 @@ def grain(
                             stepsize), caller=caller)
   axes_lib.axes_tuple(axis_name, 'axis_name')
   axes_lib.axes_tuple(param_axis_name, 'param_axis_name')
+  communication_dtype = validation.float_dtype(
+      communication_dtype, 'communication_dtype', caller)
 
   def init_fn(params):
     del params
@@ -229,7 +240,11 @@ def grain(
             f'{caller}: the updates have {m} groups on axis 0, but '
             f'grain(num_groups={num_groups}) was asked for.')
       g_mask = validation.group_mask(group_mask, m, caller)
-    new_sub, sol, gram = mnp_lib.run(plan, sub_updates, solve, g_mask)
+    out_dtypes = (None if sub_params is None else
+                  [p.dtype for p in jax.tree_util.tree_leaves(sub_params)])
+    new_sub, sol, gram = mnp_lib.run(
+        plan, sub_updates, solve, g_mask, out_dtypes=out_dtypes,
+        communication_dtype=communication_dtype)
     taking_part = jnp.any(g_mask) if g_mask is not None else True
     new_sub = mnp_lib.nan_if_none_left(new_sub, sol.weights, taking_part)
     if flags is None:
@@ -242,7 +257,7 @@ def grain(
         if f:
           out.append(next(done))
         elif p_leaves is not None:
-          out.append(jnp.zeros_like(p_leaves[i], dtype=leaf.dtype))
+          out.append(jnp.zeros_like(p_leaves[i]))
         else:
           out.append(jnp.zeros(leaf.shape[1:], leaf.dtype))
       new_updates = jax.tree_util.tree_unflatten(treedef, out)

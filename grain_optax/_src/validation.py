@@ -391,3 +391,17 @@ def microbatch_mask(mask: Any, caller: str) -> jax.Array:
         '(False: this call\'s gradient takes no part in the window), got '
         f'shape {np.shape(mask)}.')
   return jnp.asarray(mask).astype(bool)
+
+
+def float_dtype(dtype: Any, name: str, caller: str) -> Any:
+  """None, or ``dtype`` as a NumPy floating dtype; else a ValueError."""
+  if dtype is None:
+    return None
+  try:
+    out = jnp.dtype(dtype)
+  except TypeError:
+    out = None
+  if out is None or not jnp.issubdtype(out, jnp.floating):
+    raise ValueError(f'{caller}: {name}={dtype!r} is not a floating dtype; '
+                     'expected e.g. jnp.bfloat16, jnp.float32 or None.')
+  return out

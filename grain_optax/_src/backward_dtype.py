@@ -1,0 +1,92 @@
+r"""Which parameter leaves have a gradient exact in a narrower dtype.
+
+A model that keeps float32 parameters and computes in bfloat16 casts each
+weight once, ``w16 = convert(w32)``, and uses only the copy. By the chain rule
+the gradient of the float32 leaf is then the cast of the copy's gradient,
+:math:`\nabla_{w_{32}} L = \operatorname{convert}(\nabla_{w_{16}} L)`: the
+float32 gradient holds no more information than the bfloat16 one the backward
+pass produced. Per-group gradients taken with respect to the bfloat16 copy are
+the same numbers in half the bytes, which halves what :func:`grain` writes,
+reads and moves between devices.
+
+:func:`narrow_dtypes` reads the rule off the loss's jaxpr. A leaf qualifies
+when it is a floating array whose one and only use is a
+``convert_element_type`` to a narrower floating dtype, looking through calls
+that pass it on unchanged (``jax.jit``, ``jax.checkpoint``, ``closed_call``)
+and into ``lax.scan`` when it is scanned over (``xs``: each step uses its own
+slice, so no cotangents are summed in low precision). Any other use (two
+casts, an arithmetic op on the float32 value, a custom derivative, an output)
+keeps the leaf's own dtype: there the float32 gradient sums or transforms
+cotangents in float32, and narrowing would round it.
+"""
+
+from typing import Any, Callable, List, Optional
+
+import jax
+import jax.numpy as jnp
+
+# Primitives that run a sub-jaxpr on their operands unchanged, one to one.
+_CALLS = frozenset({'jit', 'pjit', 'closed_call', 'core_call', 'checkpoint',
+                    'remat', 'remat2'})
+
+
+def _sub_jaxpr(eqn):
+  sub = eqn.params.get('jaxpr', eqn.params.get('call_jaxpr'))
+  return getattr(sub, 'jaxpr', sub)
+
+
+def _uses(jaxpr, var) -> List[Any]:
+  """``(eqn, operand index)`` of every use of ``var``; None for an output."""
+  found = [(eqn, j) for eqn in jaxpr.eqns
+           for j, v in enumerate(eqn.invars) if v is var]
+  found += [(None, None) for v in jaxpr.outvars if v is var]
+  return found
+
+
+def _narrow_dtype(jaxpr, var) -> Optional[jnp.dtype]:
+  """The dtype ``var`` is cast to by its only use, or None (see module)."""
+  dtype = jnp.dtype(var.aval.dtype)
+  uses = _uses(jaxpr, var)
+  if len(uses) != 1 or uses[0][0] is None:
+    return None
+  eqn, j = uses[0]
+  name = eqn.primitive.name
+  if name == 'convert_element_type':
+    new = jnp.dtype(eqn.params['new_dtype'])
+    if (jnp.issubdtype(new, jnp.floating) and new.itemsize < dtype.itemsize):
+      return new
+    return None
+  if name in _CALLS:
+    sub = _sub_jaxpr(eqn)
+    if sub is not None and len(sub.invars) == len(eqn.invars):
+      return _narrow_dtype(sub, sub.invars[j])
+    return None
+  if name == 'scan':
+    first_x = eqn.params['num_consts'] + eqn.params['num_carry']
+    sub = _sub_jaxpr(eqn)
+    if j >= first_x and sub is not None:
+      return _narrow_dtype(sub, sub.invars[j])
+  return None
+
+
+def narrow_dtypes(fn: Callable[..., Any], leaves: List[Any]
+                  ) -> List[Optional[jnp.dtype]]:
+  """Per leaf, the narrower dtype its gradient is exact in, or None.
+
+  Args:
+    fn: a function of the list ``leaves`` returning the loss(es); traced
+      once more (nothing is computed) to read its jaxpr.
+    leaves: the differentiated leaves (arrays or tracers).
+
+  Returns:
+    For each leaf, the dtype of its single cast (e.g. bfloat16 for a float32
+    weight used only as ``w.astype(jnp.bfloat16)``), or None to keep its own.
+  """
+  floating = [jnp.issubdtype(jnp.result_type(x), jnp.floating)
+              for x in leaves]
+  if not any(floating):
+    return [None] * len(leaves)
+  closed = jax.make_jaxpr(fn)(list(leaves))
+  jaxpr = closed.jaxpr
+  return [_narrow_dtype(jaxpr, var) if f else None
+          for var, f in zip(jaxpr.invars, floating)]
