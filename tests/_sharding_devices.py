@@ -122,6 +122,43 @@ def case_jit():
       out[f'{axis_type}_k{k}'] = grain_bytes / mean_bytes
       out[f'{axis_type}_k{k}_err'] = max_err(d, d_ref)
 
+  # bfloat16 matmuls on float32 params: the per-group gradients of the
+  # weights come in bfloat16 (grad_dtype='backward'), and the groups move in
+  # the dtype the mean's all-reduce uses.
+  def loss16(params, batch):
+    h = batch['x'].astype(jnp.bfloat16)
+    for i in range(len(params)):
+      h = (h @ params[f'layer{i}']['w'].astype(jnp.bfloat16)
+           + params[f'layer{i}']['b'].astype(jnp.bfloat16))
+      if i < len(params) - 1:
+        h = jnp.tanh(h)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        h.astype(jnp.float32), batch['y']).mean()
+
+  tx = grain_optax.grain(num_groups=D, axis_name='data')
+
+  def step16(params, batch):
+    _, grads = grain_optax.group_value_and_grad(loss16, D)(params, batch)
+    return tx.update(grads, tx.init(params), params)
+
+  mesh = jax.make_mesh((D,), ('data',), axis_types=(AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, NamedSharding(mesh, P()))
+    b = jax.device_put(batch, NamedSharding(mesh, P('data')))
+    compiled = jax.jit(step16).lower(p, b).compile()
+    d, state = compiled(p, b)
+    grain_bytes = sent(compiled)
+    mean_bytes = sent(jax.jit(jax.grad(loss16)).lower(p, b).compile())
+  ref_tx = grain_optax.grain(num_groups=D)
+  _, ref_grads = jax.jit(grain_optax.group_value_and_grad(loss16, D))(
+      params, batch)
+  d_ref, s_ref = ref_tx.update(ref_grads, ref_tx.init(params), params)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(d))
+  out['bf16_k1'] = grain_bytes / mean_bytes
+  out['bf16_k1_weights_err'] = max_err(state.weights, s_ref.weights)
+  scale = max(float(np.max(np.abs(x))) for x in jax.tree_util.tree_leaves(d_ref))
+  out['bf16_k1_rel_err'] = max_err(d, d_ref) / scale
+
   # Several training steps against a single-device run of the same chain.
   m = 2 * D
   tx = optax.chain(grain_optax.grain(num_groups=m, axis_name='data'),

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import grain_optax
@@ -84,3 +85,92 @@ def test_split_errors_name_the_leaf():
     grain_optax.split_into_groups({'x': jnp.float32(1.0)}, 2)
   with pytest.raises(ValueError, match='batch_argnums'):
     grain_optax.group_value_and_grad(loss_fn, 2, batch_argnums=0)
+
+
+# ---------------------------------------------------------------------------
+# grad_dtype: per-group gradients in the dtype the backward pass produces.
+
+
+def _mixed_params():
+  rng = np.random.default_rng(0)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  return {'w': f(4, 3), 'b': f(3), 'tied': f(4, 3), 'inner': f(3, 3),
+          'stack': f(2, 3, 3), 'shared': f(3, 3)}
+
+
+def _mixed_loss(params, batch):
+  bf = jnp.bfloat16
+  x = batch['x'].astype(bf)
+  # One cast: narrowed. b is used in float32 arithmetic: kept.
+  h = (x @ params['w'].astype(bf)).astype(jnp.float32) + params['b']
+  # Two casts of the same leaf (a tied weight): kept.
+  h = h + (x @ params['tied'].astype(bf)).astype(jnp.float32)
+  h = h * jnp.mean(params['tied'].astype(bf)).astype(jnp.float32)
+  # One cast inside jax.jit and jax.checkpoint: narrowed.
+  inner = jax.jit(jax.checkpoint(lambda w, h: h.astype(bf) @ w.astype(bf)))
+  h = inner(params['inner'], h).astype(jnp.float32)
+
+  # Scanned over (xs): narrowed; closed over by the scan (a const): kept.
+  def body(h, w):
+    h = (h.astype(bf) @ w.astype(bf)) @ params['shared'].astype(bf)
+    return jnp.tanh(h.astype(jnp.float32)), None
+
+  h, _ = jax.lax.scan(body, h, params['stack'])
+  return jnp.mean((h - batch['y']) ** 2)
+
+
+def _mixed_batch():
+  rng = np.random.default_rng(1)
+  return {'x': jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+          'y': jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}
+
+
+def test_backward_dtype_narrows_exactly_the_single_cast_leaves():
+  params, batch = _mixed_params(), _mixed_batch()
+  losses, grads = jax.jit(grain_optax.group_value_and_grad(_mixed_loss, 4))(
+      params, batch)
+  ref_losses, ref = jax.jit(grain_optax.group_value_and_grad(
+      _mixed_loss, 4, grad_dtype='params'))(params, batch)
+  narrowed = {k for k, g in grads.items() if g.dtype == jnp.bfloat16}
+  assert narrowed == {'w', 'inner', 'stack'}, narrowed
+  assert all(g.dtype == jnp.float32 for k, g in grads.items()
+             if k not in narrowed)
+  assert all(g.dtype == jnp.float32 for g in ref.values())
+  np.testing.assert_array_equal(losses, ref_losses)
+  for k in grads:
+    # The float32 gradient is the cast of the narrow one: the same numbers
+    # (on the CPU bit for bit; other backends may fuse the cast).
+    exact = jax.default_backend() == 'cpu'
+    np.testing.assert_allclose(
+        np.asarray(grads[k], np.float32), np.asarray(ref[k]),
+        rtol=0 if exact else 2 ** -7, atol=0 if exact else 1e-6, err_msg=k)
+
+
+def test_backward_dtype_gives_grain_the_float32_update():
+  params, batch = _mixed_params(), _mixed_batch()
+  tx = optax.chain(grain_optax.grain(num_groups=4), optax.adamw(1e-2))
+
+  def step(params, state, grad_dtype):
+    _, grads = grain_optax.group_value_and_grad(
+        _mixed_loss, 4, grad_dtype=grad_dtype)(params, batch)
+    return tx.update(grads, state, params)
+
+  step = jax.jit(step, static_argnums=2)
+  updates, state = step(params, tx.init(params), 'backward')
+  ref_updates, ref_state = step(params, tx.init(params), 'params')
+  for k in params:
+    assert updates[k].dtype == jnp.float32, k
+    np.testing.assert_allclose(updates[k], ref_updates[k], rtol=1e-5,
+                               atol=1e-7, err_msg=k)
+  np.testing.assert_allclose(state[0].weights, ref_state[0].weights,
+                             atol=1e-6)
+  # The lean mode's first pass takes the same narrow gradients.
+  lean = jax.jit(grain_optax.grain_value_and_grad(_mixed_loss, 4))(
+      params, batch)
+  np.testing.assert_allclose(lean.weights, ref_state[0].weights, atol=1e-6)
+  assert all(g.dtype == jnp.float32 for g in lean.grads.values())
+
+
+def test_bad_grad_dtype_is_rejected():
+  with pytest.raises(ValueError, match="grad_dtype='bfloat16'"):
+    grain_optax.group_value_and_grad(_mixed_loss, 4, grad_dtype='bfloat16')

@@ -63,6 +63,11 @@ def test_jit_data_parallel_on_8_devices():
   assert r['explicit_k1'] <= BYTES_TOLERANCE, r
   # k groups per device: (k + 1) / 2 times the all-reduce.
   assert r['auto_k2'] <= 1.5 * BYTES_TOLERANCE, r
+  # bfloat16 matmuls: groups and update move in bfloat16, as the mean's
+  # all-reduce does; the update is the single-device one rounded once.
+  assert r['bf16_k1'] <= BYTES_TOLERANCE, r
+  assert r['bf16_k1_weights_err'] < 1e-5, r
+  assert r['bf16_k1_rel_err'] < 2 ** -7, r
 
 
 def test_shard_map_data_parallel_on_8_devices():
@@ -331,3 +336,31 @@ def test_collective_bytes_parses_group_formats_and_async_pairs():
 def test_collective_bytes_of_a_real_program_without_collectives():
   compiled = jax.jit(lambda x: jnp.sin(x) @ x.T).lower(jnp.ones((4, 4))).compile()
   assert grain_optax.collective_bytes(compiled)['total'].count == 0
+
+
+def test_communication_dtype_rounds_what_moves():
+  devices, k = 4, 2
+  g = {'w': np.random.default_rng(5).normal(size=(devices, k, 6, 5)).astype(
+      np.float32)}
+
+  def local(g, dtype):
+    r = grain_optax.min_norm_point(g, axis_name='data',
+                                   communication_dtype=dtype)
+    return r.update, r.solution.weights
+
+  d16, w16 = jax.vmap(lambda g: local(g, jnp.bfloat16), axis_name='data')(g)
+  d32, w32 = jax.vmap(lambda g: local(g, None), axis_name='data')(g)
+  merged = _merge(g)
+  rounded = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), merged)
+  ref16 = grain_optax.min_norm_point(rounded)
+  ref32 = grain_optax.min_norm_point(merged)
+  # Moved in bfloat16: optimal for the rounded groups, d rounded once.
+  assert d16['w'].dtype == jnp.float32
+  np.testing.assert_allclose(w16[0], ref16.solution.weights, atol=1e-6)
+  np.testing.assert_array_equal(
+      d16['w'][0], np.asarray(ref16.update['w'].astype(jnp.float32)))
+  np.testing.assert_allclose(w32[0], ref32.solution.weights, atol=1e-6)
+  np.testing.assert_allclose(d32['w'][0], ref32.update['w'], rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match='communication_dtype'):
+    grain_optax.grain(communication_dtype=jnp.int32)
