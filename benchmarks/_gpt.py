@@ -140,18 +140,26 @@ def adamw():
   return optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)
 
 
-def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact'):
+def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
+              grad_dtype: str = 'backward'):
   """``(step, tx)``: a jitted ``step(params, opt_state, batch)`` and its tx.
 
   ``step`` returns ``(params, opt_state, loss)`` with params and optimizer
   state donated. ``kind`` is ``'mean'``, ``'grain'`` or ``'lean'``; a suffix
   ``'+<variant>'`` (experimental, see ``_gram_variants.py``) compiles the
   step with another Gram-matrix implementation (applied by
-  :func:`compile_step`).
+  :func:`compile_step`); a suffix ``'@params'`` takes the per-group
+  gradients in the params' dtype (``grad_dtype='params'``).
   """
+  if kind.endswith('@params'):
+    # The per-group gradients in the params' dtype (float32), as before
+    # grad_dtype='backward' became the default.
+    return make_step(kind[:-len('@params')], loss_fn, m, solver=solver,
+                     grad_dtype='params')
   if '+' in kind:
     base, variant = kind.split('+')
-    step, tx = make_step(base, loss_fn, m, solver=solver)
+    step, tx = make_step(base, loss_fn, m, solver=solver,
+                         grad_dtype=grad_dtype)
     step.gram_variant = variant
     return step, tx
   if kind == 'mean':
@@ -163,7 +171,8 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact'):
       return optax.apply_updates(params, updates), opt_state, loss
   elif kind == 'grain':
     tx = optax.chain(grain_optax.grain(num_groups=m, solver=solver), adamw())
-    grad_fn = grain_optax.group_value_and_grad(loss_fn, m)
+    grad_fn = grain_optax.group_value_and_grad(loss_fn, m,
+                                               grad_dtype=grad_dtype)
 
     def step(params, opt_state, batch):
       losses, grads = grad_fn(params, batch)
@@ -171,7 +180,8 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact'):
       return optax.apply_updates(params, updates), opt_state, jnp.mean(losses)
   elif kind == 'lean':
     tx = adamw()
-    grad_fn = grain_optax.grain_value_and_grad(loss_fn, m, solver=solver)
+    grad_fn = grain_optax.grain_value_and_grad(loss_fn, m, solver=solver,
+                                               grad_dtype=grad_dtype)
 
     def step(params, opt_state, batch):
       out = grad_fn(params, batch)
