@@ -62,10 +62,14 @@ def _narrow_dtype(jaxpr, var) -> Optional[jnp.dtype]:
       return _narrow_dtype(sub, sub.invars[j])
     return None
   if name == 'scan':
-    first_x = eqn.params['num_consts'] + eqn.params['num_carry']
     sub = _sub_jaxpr(eqn)
-    if j >= first_x and sub is not None:
-      return _narrow_dtype(sub, sub.invars[j])
+    if sub is not None and len(sub.invars) == len(eqn.invars):
+      inner = sub.invars[j]
+      # Scanned over (xs) exactly when each step sees a slice: the body's
+      # operand lacks the leading length axis (consts and carries do not).
+      if tuple(var.aval.shape) == (eqn.params['length'],) + tuple(
+          inner.aval.shape):
+        return _narrow_dtype(sub, inner)
   return None
 
 
