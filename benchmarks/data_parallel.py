@@ -37,6 +37,7 @@ driving the same N devices.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,6 +51,8 @@ import time
 def _parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--config', default='full', choices=('full', 'tiny'))
+  p.add_argument('--dtype', default=None,
+                 help="compute dtype instead of the config's (e.g. bfloat16)")
   p.add_argument('--devices', type=int, nargs='+', default=None,
                  help='device counts D to run (default: all devices)')
   p.add_argument('--k', type=int, nargs='+', default=[1, 2],
@@ -284,8 +287,13 @@ def run_form(form, n, args, cfg, loss_fn, params0):
   return rows
 
 
-def benchmark(args):
+def config_of(args):
   cfg = _gpt.CONFIGS[args.config]
+  return dataclasses.replace(cfg, dtype=args.dtype) if args.dtype else cfg
+
+
+def benchmark(args):
+  cfg = config_of(args)
   loss_fn, params0 = _gpt.build(cfg)
   params0 = host(params0)
   info = _gpt.device_info()
@@ -324,7 +332,7 @@ def _child(args):
         num_processes=spec['num_processes'], process_id=spec['process_id'],
         initialization_timeout=120)
   n = jax.device_count()
-  cfg = _gpt.CONFIGS[args.config]
+  cfg = config_of(args)
   loss_fn, params0 = _gpt.build(cfg)
   params0 = host(params0)
   mesh = jax.make_mesh((n,), ('data',), axis_types=(AxisType.Auto,))
@@ -388,6 +396,7 @@ def multiprocess(args):
     return env
 
   common = [sys.executable, here, '--config', args.config,
+            '--dtype', config_of(args).dtype,
             '--train-steps', str(args.train_steps)]
   if args.batch_per_device:
     common += ['--batch-per-device', str(args.batch_per_device)]
