@@ -10,9 +10,10 @@ GRAIN at k groups per device (m = kD), and prints per D and form:
   with ``grain_optax.collective_bytes`` (bandwidth-optimal algorithms), and
   the ratio to the mean's;
 * ``err``: after ``--check-steps`` steps from the same start, the distance
-  of the weights from a one-device GRAIN run on the same global batches
-  (L2, relative to the one-device run's weight change; the largest
-  difference too), and whether every device holds bitwise the same weights.
+  of the weights from a one-device run of the same step (the mean, or GRAIN
+  with the same groups) on the same global batches (L2, relative to that
+  run's weight change; the largest difference too), and whether every
+  device holds bitwise the same weights.
 
 Forms: ``jit`` (``jax.jit``, batch sharded ``P('data')`` over ``Auto`` axes,
 ``grain(axis_name='data')``), ``shard_map`` (every device its own k groups,
@@ -200,15 +201,24 @@ def max_abs(a, b):
 
 
 def reference_run(variant, loss_fn, params0, data, m):
-  """GRAIN with m groups on one device over the same global batches."""
-  grad_dtype, _ = _variant_options(variant)
-  tx = optax.chain(grain_optax.grain(num_groups=m), _gpt.adamw())
+  """The same steps on one device over the same global batches (GRAIN with m
+  groups, or the mean)."""
+  if variant == 'mean':
+    tx = _gpt.adamw()
+
+    def grad_fn(params, batch):
+      return jax.grad(loss_fn)(params, batch)
+  else:
+    grad_dtype, _ = _variant_options(variant)
+    tx = optax.chain(grain_optax.grain(num_groups=m), _gpt.adamw())
+
+    def grad_fn(params, batch):
+      return grain_optax.group_value_and_grad(
+          loss_fn, m, grad_dtype=grad_dtype)(params, batch)[1]
 
   @jax.jit
   def step(params, opt_state, batch):
-    _, grads = grain_optax.group_value_and_grad(
-        loss_fn, m, grad_dtype=grad_dtype)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grad_fn(params, batch), opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   dev = jax.devices()[0]
@@ -261,7 +271,7 @@ def run_form(form, n, args, cfg, loss_fn, params0):
         mean_ms, mean_bytes = ms, sent
       row['time_ratio'] = round(ms / mean_ms, 3)
       row['bytes_ratio'] = round(sent / mean_bytes, 4) if mean_bytes else None
-      if variant != 'mean' and args.check_steps:
+      if args.check_steps:
         data = batches(cfg, bpd * n, args.check_steps)
         params = jax.device_put(params0, param_sharding)
         opt_state = tx.init(params)
@@ -271,7 +281,7 @@ def run_form(form, n, args, cfg, loss_fn, params0):
         row['bitwise_across_devices'] = bitwise_replicated(params)
         got = host(params)
         del params, opt_state
-    if variant != 'mean' and args.check_steps:
+    if args.check_steps:
       key = (variant, n * k, n)
       if key not in _REFERENCES:
         _REFERENCES[key] = reference_run(variant, loss_fn, params0, data,

@@ -100,7 +100,11 @@ def probe_pallas(interpret: bool = False) -> np.ndarray:
   """Builds and runs the kernel on a 2-group problem whose answer is known."""
   k = np.array([[1.0, 0.0], [0.0, 9.0]], np.float32)
   if not interpret:
-    k = jax.device_put(k, jax.devices('gpu')[0])
+    # This process's own GPU: with several processes (jax.distributed),
+    # jax.devices()[0] belongs to process 0, and a probe that fails on the
+    # other processes only would give them a different program than process
+    # 0 (XLA instead of the kernel), whose collectives then never match.
+    k = jax.device_put(k, jax.local_devices(backend='gpu')[0])
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     w, _ = jax.jit(lambda k: run_pallas(
