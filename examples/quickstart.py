@@ -6,7 +6,7 @@ see the same batches; the only difference is how the gradient of a batch is
 aggregated: the plain mean (AdamW), or GRAIN's min-norm combination of
 ``--groups`` group gradients followed by the same AdamW.
 
-    python examples/quickstart.py            # 10 seeds, about 30 s on 2 CPU cores
+    python examples/quickstart.py            # 10 seeds, 44-47 s on a 2-core CPU (2026-11-26)
     python examples/quickstart.py --seeds 2 --steps 50   # smoke run
 """
 
