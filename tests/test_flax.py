@@ -118,6 +118,52 @@ def test_nnx_dropout_each_group_draws_its_own_mask_and_rngs_advance():
   np.testing.assert_allclose(eval_losses, eval_losses[0], rtol=1e-6)
 
 
+class _Bf16Net(nnx.Module):
+  """bf16 matmuls on float32 params (l1), dropout, a float32 head."""
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(4, 8, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                         rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.l2 = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(self.drop(self.l1(x)).astype(jnp.float32))
+
+
+def test_nnx_backward_dtype_narrows_bf16_layers_losslessly():
+  def loss_fn(model, batch):
+    return jnp.mean((model(batch['x'])[:, 0] - batch['y']) ** 2)
+
+  batch = {'x': jax.random.normal(jax.random.key(0), (8, 4)),
+           'y': jnp.arange(8.0)}
+  out = {}
+  for grad_dtype in ('backward', 'params'):
+    model = _Bf16Net(nnx.Rngs(0, dropout=1))
+    grad_fn = nnx.jit(grain_optax.nnx_group_value_and_grad(
+        loss_fn, 4, grad_dtype=grad_dtype))
+    first, _ = grad_fn(model, batch)
+    losses, grads = grad_fn(model, batch)  # RNG streams have advanced.
+    out[grad_dtype] = (first, losses, grads, model)
+  (first, losses, grads, model), ref = out['backward'], out['params']
+  assert grads['l1']['kernel'].dtype == jnp.bfloat16
+  assert grads['l1']['bias'].dtype == jnp.bfloat16
+  assert grads['l2']['kernel'].dtype == jnp.float32
+  # Same losses and the same dropout masks, call after call, as the float32
+  # path; the gradients are the same numbers.
+  np.testing.assert_array_equal(first, ref[0])
+  np.testing.assert_array_equal(losses, ref[1])
+  assert not np.array_equal(first, losses)
+  chex.assert_trees_all_close(
+      jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads), ref[2],
+      rtol=0 if jax.default_backend() == 'cpu' else 2 ** -7, atol=1e-7)
+  optimizer = nnx.Optimizer(
+      model, optax.chain(grain_optax.grain(num_groups=4), optax.adamw(1e-2)),
+      wrt=nnx.Param)
+  optimizer.update(model, grads)
+  assert model.l1.kernel[...].dtype == jnp.float32
+
+
 def test_nnx_optimizer_step_is_grain_then_the_inner_optimizer():
   model = Net(nnx.Rngs(3))
   batch = make_batch(3)

@@ -6,6 +6,9 @@ the package never needs it.
 
 from typing import Any, Callable, Optional
 
+import jax
+
+from grain_optax._src import backward_dtype
 from grain_optax._src import grouping
 from grain_optax._src import validation
 
@@ -17,6 +20,7 @@ def nnx_group_value_and_grad(
     wrt: Any = None,
     has_aux: bool = False,
     example_mask: Optional[Callable[[Any], Any]] = None,
+    grad_dtype: str = 'backward',
 ) -> Callable[..., Any]:
   r"""Per-group losses and gradients of a Flax NNX module, for :func:`grain`.
 
@@ -56,6 +60,12 @@ def nnx_group_value_and_grad(
       the ``[m]`` bool ``group_mask`` to pass on as
       ``optimizer.update(model, grads, group_mask=group_mask)`` (see
       :func:`group_value_and_grad`).
+    grad_dtype: ``'backward'`` (default): a float32 variable that the model
+      uses only through one cast to a narrower float (layers built with
+      ``dtype=jnp.bfloat16, param_dtype=jnp.float32``) gets its per-group
+      gradients in that dtype, which loses nothing (see
+      :func:`group_value_and_grad`); ``'params'``: every gradient in its
+      variable's dtype.
 
   Returns:
     A function ``(model, batch, *args) -> (losses, grads)`` or
@@ -96,6 +106,10 @@ def nnx_group_value_and_grad(
         'pip install grain_optax[flax]  (or: pip install flax).') from e
 
   num_groups = validation.check_num_groups(num_groups)
+  if grad_dtype not in grouping.GRAD_DTYPES:
+    raise ValueError(
+        f'grain_optax.nnx_group_value_and_grad: grad_dtype={grad_dtype!r}; '
+        f'expected one of {grouping.GRAD_DTYPES}.')
   if wrt is None:
     wrt = nnx.Param
   grad_fn = nnx.value_and_grad(
@@ -103,8 +117,32 @@ def nnx_group_value_and_grad(
   # RNG streams get one key per group; everything else is broadcast.
   module_axes = nnx.StateAxes({nnx.RngState: 0, ...: None})
 
+  def narrowed(model, groups, args):
+    """A copy of ``model`` with each losslessly narrowable variable cast."""
+    graphdef, diff, rest = nnx.split(model, wrt, ...)
+    leaves, treedef = jax.tree_util.tree_flatten(diff)
+
+    def loss_of(new_leaves):
+      def one(group):
+        # Fresh variables made inside the map: NNX state must not cross
+        # trace levels (a dropout layer advances its RNG count here).
+        copy = nnx.merge(graphdef,
+                         jax.tree_util.tree_unflatten(treedef, new_leaves),
+                         jax.tree_util.tree_map(lambda x: x, rest))
+        out = loss_fn(copy, group, *args)
+        return out[0] if has_aux else out
+      return jax.vmap(one)(groups)
+
+    dtypes = backward_dtype.narrow_dtypes(loss_of, leaves)
+    if not any(dtypes):
+      return None
+    new = jax.tree_util.tree_unflatten(treedef, [
+        x if d is None else x.astype(d) for x, d in zip(leaves, dtypes)])
+    return nnx.merge(graphdef, new, rest)
+
   def wrapped(model, batch, *args):
     groups = grouping.split_into_groups(batch, num_groups)
+    copy = narrowed(model, groups, args) if grad_dtype == 'backward' else None
 
     @nnx.split_rngs(splits=num_groups)
     @nnx.vmap(in_axes=(module_axes, 0) + (None,) * len(args), out_axes=0)
@@ -112,7 +150,10 @@ def nnx_group_value_and_grad(
       return grad_fn(model, group, *args)
 
     try:
-      out = per_group(model, groups, *args)
+      out = per_group(model if copy is None else copy, groups, *args)
+      if copy is not None:
+        # The groups advanced the copy's RNG streams: carry them over.
+        nnx.update(model, nnx.state(copy, nnx.RngState))
     except ValueError as e:
       if 'out_axes' not in str(e):
         raise
