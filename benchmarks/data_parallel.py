@@ -42,6 +42,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,6 +74,10 @@ def _parse(argv=None):
   p.add_argument('--processes', type=int, default=0,
                  help='run the multi-process check with N processes')
   p.add_argument('--train-steps', type=int, default=5)
+  p.add_argument('--compile-only', action='store_true',
+                 help='bytes from the compiled HLO only: no timing, no check')
+  p.add_argument('--list-collectives', action='store_true',
+                 help="print each collective's kind and shapes")
   # Internal: one process of the multi-process check.
   p.add_argument('--child', default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -184,6 +189,9 @@ def bitwise_replicated(tree):
 
 
 _REFERENCES = {}
+_COLLECTIVE = re.compile(
+    r'\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(all-to-all|all-gather|'
+    r'all-reduce|reduce-scatter|collective-permute)(?:-start)?\(')
 
 
 def l2(a, b):
@@ -259,9 +267,18 @@ def run_form(form, n, args, cfg, loss_fn, params0):
       compiled = step.lower(params, opt_state, batch).compile()
       compile_s = time.perf_counter() - start
       sent = grain_optax.collective_bytes(compiled)['total'].sent_bytes
-      ms, lo, hi, params, opt_state = _gpt.time_steps(
-          compiled, params, opt_state, batch, inner=args.inner,
-          reps=args.reps)
+      if args.list_collectives:
+        for line in compiled.as_text().splitlines():
+          found = _COLLECTIVE.match(line)
+          if found:
+            print(f'  {form} {variant} k={k}: {found.group(2)} '
+                  f'{found.group(1)[:160]}', flush=True)
+      if args.compile_only:
+        ms = lo = hi = float('nan')
+      else:
+        ms, lo, hi, params, opt_state = _gpt.time_steps(
+            compiled, params, opt_state, batch, inner=args.inner,
+            reps=args.reps)
       del params, opt_state
       row = {'D': n, 'form': form, 'step': variant, 'k': k, 'm': n * k,
              'ms': round(ms, 3), 'ms_min': round(lo, 3),
@@ -271,7 +288,7 @@ def run_form(form, n, args, cfg, loss_fn, params0):
         mean_ms, mean_bytes = ms, sent
       row['time_ratio'] = round(ms / mean_ms, 3)
       row['bytes_ratio'] = round(sent / mean_bytes, 4) if mean_bytes else None
-      if args.check_steps:
+      if args.check_steps and not args.compile_only:
         data = batches(cfg, bpd * n, args.check_steps)
         params = jax.device_put(params0, param_sharding)
         opt_state = tx.init(params)
@@ -281,7 +298,7 @@ def run_form(form, n, args, cfg, loss_fn, params0):
         row['bitwise_across_devices'] = bitwise_replicated(params)
         got = host(params)
         del params, opt_state
-    if args.check_steps:
+    if args.check_steps and not args.compile_only:
       key = (variant, n * k, n)
       if key not in _REFERENCES:
         _REFERENCES[key] = reference_run(variant, loss_fn, params0, data,
