@@ -201,7 +201,16 @@ def _run_partitioned(plan, leaves, solve, communication_dtype):
   grams, blocks = [], []
   for (dtype, is_flat), idx in buckets:
     if is_flat:
-      x, n = _flatten_bucket(leaves, idx, m, size, dtype)
+      # Pin each group gradient where it is made (group axis over the data
+      # axes) before the reshuffle; otherwise the partitioner may pull the
+      # parameter-axis layout back into the backward pass and gather its
+      # inputs (with two groups per device it gathered the token ids and
+      # the per-group embedding cotangent for the embedding's gradient).
+      pinned = list(leaves)
+      if m % size == 0:
+        for i in idx:
+          pinned[i] = constrain(leaves[i], axes_lib.spec(axes))
+      x, n = _flatten_bucket(pinned, idx, m, size, dtype)
       x = constrain(x, axes_lib.spec(None, axes))
       grams.append(gram_lib.leaf_gram(x, gram_out))
       blocks.append((x, n, idx))
