@@ -94,3 +94,16 @@ def narrow_dtypes(fn: Callable[..., Any], leaves: List[Any]
   jaxpr = closed.jaxpr
   return [_narrow_dtype(jaxpr, var) if f else None
           for var, f in zip(jaxpr.invars, floating)]
+
+
+def narrowed(fn: Callable[..., Any], leaves: List[Any]
+             ) -> Optional[List[Any]]:
+  """``leaves`` with each one :func:`narrow_dtypes` allows cast, or None.
+
+  None when no leaf narrows, so that callers keep their inputs untouched.
+  """
+  dtypes = narrow_dtypes(fn, leaves)
+  if not any(dtypes):
+    return None
+  return [x if d is None else jnp.asarray(x).astype(d)
+          for x, d in zip(leaves, dtypes)]

@@ -8,8 +8,6 @@ import jax.numpy as jnp
 from grain_optax._src import backward_dtype
 from grain_optax._src import validation
 
-GRAD_DTYPES = ('backward', 'params')
-
 
 def split_into_groups(batch: Any, num_groups: int) -> Any:
   """Splits every leaf of ``batch`` along axis 0 into ``num_groups`` groups.
@@ -165,10 +163,7 @@ def group_value_and_grad(
     chunk_size = validation.positive_int(
         chunk_size, 'chunk_size', 'grain_optax', phrase='None or an int >= 1')
   batch_idx = validation.batch_indices(batch_argnums, 'grain_optax')
-  if grad_dtype not in GRAD_DTYPES:
-    raise ValueError(
-        f'grain_optax: grad_dtype={grad_dtype!r}; expected one of '
-        f'{GRAD_DTYPES}.')
+  validation.grad_dtype(grad_dtype, 'grain_optax')
   diff_args = (argnums,) if isinstance(argnums, int) else tuple(argnums)
   if set(batch_idx) & set(diff_args):
     raise ValueError(
@@ -192,12 +187,10 @@ def group_value_and_grad(
         return out[0] if has_aux else out
       return jax.vmap(one)(groups)
 
-    dtypes = backward_dtype.narrow_dtypes(loss_of, leaves)
-    if not any(dtypes):
+    narrow = backward_dtype.narrowed(loss_of, leaves)
+    if narrow is None:
       return args
-    new = jax.tree_util.tree_unflatten(treedef, [
-        x if d is None else jnp.asarray(x).astype(d)
-        for x, d in zip(leaves, dtypes)])
+    new = jax.tree_util.tree_unflatten(treedef, narrow)
     out = list(args)
     for i, x in zip(diff_args, new):
       out[i] = x

@@ -106,10 +106,7 @@ def nnx_group_value_and_grad(
         'pip install grain_optax[flax]  (or: pip install flax).') from e
 
   num_groups = validation.check_num_groups(num_groups)
-  if grad_dtype not in grouping.GRAD_DTYPES:
-    raise ValueError(
-        f'grain_optax.nnx_group_value_and_grad: grad_dtype={grad_dtype!r}; '
-        f'expected one of {grouping.GRAD_DTYPES}.')
+  validation.grad_dtype(grad_dtype, 'grain_optax.nnx_group_value_and_grad')
   if wrt is None:
     wrt = nnx.Param
   grad_fn = nnx.value_and_grad(
@@ -133,12 +130,11 @@ def nnx_group_value_and_grad(
         return out[0] if has_aux else out
       return jax.vmap(one)(groups)
 
-    dtypes = backward_dtype.narrow_dtypes(loss_of, leaves)
-    if not any(dtypes):
+    narrow = backward_dtype.narrowed(loss_of, leaves)
+    if narrow is None:
       return None
-    new = jax.tree_util.tree_unflatten(treedef, [
-        x if d is None else x.astype(d) for x, d in zip(leaves, dtypes)])
-    return nnx.merge(graphdef, new, rest)
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, narrow),
+                     rest)
 
   def wrapped(model, batch, *args):
     groups = grouping.split_into_groups(batch, num_groups)

@@ -405,3 +405,14 @@ def float_dtype(dtype: Any, name: str, caller: str) -> Any:
     raise ValueError(f'{caller}: {name}={dtype!r} is not a floating dtype; '
                      'expected e.g. jnp.bfloat16, jnp.float32 or None.')
   return out
+
+
+GRAD_DTYPES = ('backward', 'params')
+
+
+def grad_dtype(value: Any, caller: str) -> str:
+  """``value`` if it is one of :data:`GRAD_DTYPES`; else a ValueError."""
+  if value not in GRAD_DTYPES:
+    raise ValueError(f'{caller}: grad_dtype={value!r}; expected one of '
+                     f'{GRAD_DTYPES}.')
+  return value
