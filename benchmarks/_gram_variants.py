@@ -3,6 +3,8 @@
 Not used by the library. ``step_overhead.py --modes grain+<variant>``
 compiles a GRAIN step with ``grain_optax.gram_matrix`` replaced by one of:
 
+* ``xla``: the library's Gram with its GPU kernel off (one XLA dot per
+  leaf, contracted in place, as before the kernel);
 * ``flat``: every leaf reshaped to ``[m, P]``, one ``HIGHEST`` contraction
   (XLA chooses the kernels, as for the library's in-place contraction);
 * ``pallas``: a Pallas GPU kernel per large leaf (grid over column blocks,
@@ -17,6 +19,19 @@ compiles a GRAIN step with ``grain_optax.gram_matrix`` replaced by one of:
 * ``bf16``: XLA's dot on the same bf16 casts, float32 accumulation;
 * ``x6``: XLA's dot on the float32 leaves with the ``BF16_BF16_F32_X6``
   algorithm (six bf16 products, about float32 accuracy, tensor cores).
+* ``acc``: a Pallas GPU kernel per leaf in the leaf's own dtype that keeps an
+  ``[m, m, chunk]`` float32 accumulator of element-wise products and reduces
+  it once at the end (the ``pallas`` kernel reduces every chunk); leaves
+  whose size the block does not divide, and the small ones concatenated, as
+  ``pallas``;
+* ``mma``: a Pallas GPU kernel on tensor cores for 16-bit leaves: the leaf
+  ``[m, P]`` seen as ``[16, 16 P / m]`` (a free reshape: row ``(i, q)`` is
+  the ``q``-th of ``16 / m`` slices of group ``i``), each program summing
+  ``x x^T`` over its columns in float32 (exact products of 16-bit numbers);
+  the Gram is the sum over ``q`` of the diagonal blocks. Float32 leaves and
+  leaves the block does not divide go through XLA's dot;
+* ``ew``: XLA only: each leaf as ``[m, R, C]``, the products summed over
+  ``C`` in one fusion (``[m, m, R]`` partials), then over ``R``.
 
 ``gram_accuracy`` reports each variant's error against the library's Gram on
 real per-group gradients.
@@ -27,7 +42,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-VARIANTS = ('flat', 'pallas', 'pallasbf16', 'bf16', 'x6')
+VARIANTS = ('xla', 'flat', 'pallas', 'pallasbf16', 'bf16', 'x6', 'acc', 'ew', 'mma')
 
 
 def _chunk(m):
@@ -70,6 +85,87 @@ def pallas_gram2d(x, interpret=False):
   return jnp.sum(out, axis=0)
 
 
+def _acc_kernel(x_ref, o_ref, *, steps, chunk):
+  def body(c, acc):
+    x = x_ref[:, pl_ds(c * chunk, chunk)].astype(jnp.float32)
+    return acc + x[:, None, :] * x[None, :, :]
+
+  m = x_ref.shape[0]
+  acc = jax.lax.fori_loop(0, steps, body,
+                          jnp.zeros((m, m, chunk), jnp.float32))
+  o_ref[...] = jnp.sum(acc, axis=2)[None]
+
+
+def pl_ds(start, size):
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  return pl.ds(pl.multiple_of(start, size), size)
+
+
+def acc_gram2d(x, interpret=False, span=4096):
+  """``x x^T`` (float32) of ``[m, P]`` ``x`` by the ``acc`` kernel, or None."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  m, p = x.shape
+  chunk = max(16, 4096 // (m * m))
+  chunk = 1 << (chunk.bit_length() - 1)
+  if p % span or span % chunk:
+    return None
+  out = pl.pallas_call(
+      functools.partial(_acc_kernel, steps=span // chunk, chunk=chunk),
+      out_shape=jax.ShapeDtypeStruct((p // span, m, m), jnp.float32),
+      grid=(p // span,),
+      in_specs=[pl.BlockSpec((m, span), lambda i: (0, i))],
+      out_specs=pl.BlockSpec((1, m, m), lambda i: (i, 0, 0)),
+      interpret=interpret)(x)
+  return jnp.sum(out, axis=0)
+
+
+def _mma_kernel(x_ref, o_ref, *, steps, chunk):
+  def body(c, acc):
+    x = x_ref[:, pl_ds(c * chunk, chunk)]
+    return acc + jax.lax.dot_general(
+        x, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+  rows = x_ref.shape[0]
+  o_ref[...] = jax.lax.fori_loop(
+      0, steps, body, jnp.zeros((rows, rows), jnp.float32))[None]
+
+
+def mma_gram2d(x, interpret=False, rows=16, chunk=128, num_warps=4):
+  """``x x^T`` (float32) of 16-bit ``[m, P]`` ``x`` on tensor cores, or None."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
+  m, p = x.shape
+  if x.dtype.itemsize != 2 or rows % m or p % (rows // m):
+    return None
+  s = rows // m
+  q = p // s
+  span = 8192
+  while span > 256 and (q % span or q // span < 512):
+    span //= 2
+  if q % span or span % chunk:
+    return None
+  out = pl.pallas_call(
+      functools.partial(_mma_kernel, steps=span // chunk, chunk=chunk),
+      out_shape=jax.ShapeDtypeStruct((q // span, rows, rows), jnp.float32),
+      grid=(q // span,),
+      in_specs=[pl.BlockSpec((rows, span), lambda i: (0, i))],
+      out_specs=pl.BlockSpec((1, rows, rows), lambda i: (i, 0, 0)),
+      compiler_params=None if interpret else plt.CompilerParams(
+          num_warps=num_warps, num_stages=3),
+      interpret=interpret)(x.reshape(rows, q))
+  full = jnp.sum(out, axis=0).reshape(m, s, m, s)
+  return jnp.trace(full, axis1=1, axis2=3)
+
+
+def ew_gram2d(x, c=1024):
+  """``x x^T`` (float32) by XLA: products summed over blocks of ``c``."""
+  m, p = x.shape
+  while p % c:
+    c //= 2
+  x = x.reshape(m, p // c, c).astype(jnp.float32)
+  return jnp.sum(jnp.sum(x[:, None] * x[None, :], axis=3), axis=2)
+
+
 def _xla_gram2d(x):
   return jax.lax.dot_general(
       x, x, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
@@ -84,10 +180,32 @@ def make_gram(variant, interpret=False, small=1 << 16):
   def gram(per_group, **kwargs):
     del kwargs
     leaves = jax.tree_util.tree_leaves(per_group)
+    if variant == 'xla':
+      from grain_optax._src import gram as gram_lib  # pylint: disable=g-import-not-at-top
+      return gram_lib._on_xla(*leaves)  # pylint: disable=protected-access
     m = leaves[0].shape[0]
     flat = [x.reshape(m, -1) for x in leaves]
     if variant == 'flat':
       return sum(_xla_gram2d(x) for x in flat)
+    if variant == 'ew':
+      return sum(ew_gram2d(x) for x in flat)
+    if variant == 'mma':
+      parts = []
+      for x in flat:
+        k = mma_gram2d(x, interpret) if x.shape[1] >= small else None
+        parts.append(_xla_gram2d(x) if k is None else k)
+      return sum(parts[1:], parts[0])
+    if variant == 'acc':
+      parts, rest = [], []
+      for x in flat:
+        k = acc_gram2d(x, interpret) if x.shape[1] >= small else None
+        if k is None:
+          rest.append(x.astype(jnp.float32))
+        else:
+          parts.append(k)
+      if rest:
+        parts.append(pallas_gram2d(jnp.concatenate(rest, axis=1), interpret))
+      return sum(parts[1:], parts[0])
     if variant == 'x6':
       return sum(jax.lax.dot_general(
           x, x, (((1,), (1,)), ((), ())),

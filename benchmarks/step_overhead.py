@@ -49,6 +49,12 @@ def _parse(argv=None):
   p.add_argument('--gram_accuracy', type=int, nargs='*', default=[],
                  help='m values at which to compare the Gram variants with '
                  'the library Gram on real per-group gradients')
+  p.add_argument('--gram_times', type=int, nargs='*', default=[],
+                 help='time each experimental Gram variant alone at these m')
+  p.add_argument('--gram_variants', nargs='*', default=None,
+                 help='the variants --gram_times times (default: all)')
+  p.add_argument('--gram_tune', type=int, nargs='*', default=[],
+                 help='time the Gram kernel under other block settings')
   p.add_argument('--solver', default='exact')
   p.add_argument('--inner', type=int, default=None)
   p.add_argument('--reps', type=int, default=None)
@@ -172,7 +178,8 @@ def main(argv=None):
     mem = _gpt.memory_of(compiled)
     if args.dump_hlo:
       os.makedirs(args.dump_hlo, exist_ok=True)
-      with open(os.path.join(args.dump_hlo, f'{kind}_m{m}.hlo.txt'), 'w') as f:
+      name = ''.join(c if c.isalnum() else '-' for c in kind)
+      with open(os.path.join(args.dump_hlo, f'{name}_m{m}.hlo.txt'), 'w') as f:
         f.write(compiled.as_text())
     ms, lo, hi, p, s = _gpt.time_steps(compiled, p, s, batch, inner=inner,
                                        reps=reps)
@@ -228,6 +235,57 @@ def main(argv=None):
             'gram_grouped', 'gram_matrix_bf16_input', 'min_norm_weights', 'combine', 'adamw_update',
             'grain_adamw_update']
     _gpt.print_table(piece_rows, cols, title='Pieces of a step (ms each)')
+
+  for m in args.gram_times:
+    import _gram_variants  # pylint: disable=g-import-not-at-top
+    _, per_group = jax.jit(grain_optax.group_value_and_grad(loss_fn, m))(
+        params, batch)
+    interp = info['platform'] != 'gpu'
+    times = {'library': _time_fn(jax.jit(grain_optax.gram_matrix),
+                                 (per_group,), inner, reps)}
+    for name in args.gram_variants or _gram_variants.VARIANTS:
+      try:
+        times[name] = _time_fn(jax.jit(_gram_variants.make_gram(name, interp)),
+                               (per_group,), inner, reps)
+      except Exception as e:  # pylint: disable=broad-except
+        times[name] = f'{type(e).__name__}: {e}'[:200]
+    rec = {'benchmark': 'gram_times', 'config': args.config, 'm': m,
+           'ms': times, 'bytes': int(sum(
+               x.size * x.dtype.itemsize
+               for x in jax.tree_util.tree_leaves(per_group))),
+           'device': info['device'], 'jax': info['jax']}
+    print(_emit(rec, args.json), flush=True)
+    print(f'gram times m={m} (ms): ' + ', '.join(
+        f'{k} {v:.3f}' if isinstance(v, float) else f'{k} {v}'
+        for k, v in times.items()))
+
+  for m in args.gram_tune:
+    from grain_optax._src import gram as gram_lib  # pylint: disable=g-import-not-at-top
+    from grain_optax._src import gram_kernel  # pylint: disable=g-import-not-at-top
+    _, per_group = jax.jit(grain_optax.group_value_and_grad(loss_fn, m))(
+        params, batch)
+    leaves = tuple(jax.tree_util.tree_leaves(per_group))
+    names = ('CHUNK', 'NUM_WARPS', 'NUM_STAGES', 'MIN_PROGRAMS', 'MAX_SPAN')
+    default = {n: getattr(gram_kernel, n) for n in names}
+    trials = [dict(default, CHUNK=c, NUM_WARPS=w)
+              for c in (64, 128, 256) for w in (2, 4, 8)]
+    trials += [dict(default, NUM_STAGES=s) for s in (2, 4)]
+    trials += [dict(default, MIN_PROGRAMS=n) for n in (128, 256, 1024, 2048)]
+    trials += [dict(default, MAX_SPAN=n) for n in (2048, 32768)]
+    for trial in trials:
+      for n, v in trial.items():
+        setattr(gram_kernel, n, v)
+      try:
+        ms = _time_fn(jax.jit(lambda t: gram_lib.kernel_gram(t)), (leaves,),
+                      inner, reps)
+      except Exception as e:  # pylint: disable=broad-except
+        ms = f'{type(e).__name__}: {e}'[:160]
+      rec = {'benchmark': 'gram_tune', 'm': m, 'settings': trial, 'ms': ms,
+             'device': info['device'], 'jax': info['jax']}
+      print(_emit(rec, args.json), flush=True)
+      print(f'gram tune m={m} {trial}: {ms}')
+    for n, v in default.items():
+      setattr(gram_kernel, n, v)
 
   for m in args.gram_accuracy:
     import _gram_variants  # pylint: disable=g-import-not-at-top

@@ -1,11 +1,13 @@
 """The Gram matrix of per-group updates."""
 
+import functools
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from grain_optax._src import axes as axes_lib
+from grain_optax._src import gram_kernel
 from grain_optax._src import validation
 
 
@@ -32,9 +34,77 @@ def total(grams: Sequence[jax.Array]) -> jax.Array:
   return sum(grams[1:], grams[0])
 
 
+def _cross(x: jax.Array, t: jax.Array) -> jax.Array:
+  """``[m, m]`` float32 ``<x_i, t_j>`` of two ``[m, ...]`` leaves."""
+  dims = (tuple(range(1, x.ndim)),) * 2
+  return jax.lax.dot_general(
+      x, t.astype(x.dtype), dimension_numbers=(dims, ((), ())),
+      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def kernel_gram(leaves: Tuple[jax.Array, ...],
+                interpret: bool = False) -> jax.Array:
+  """The Gram of one device's leaves with the GPU kernel where it applies.
+
+  Leaves the kernel supports (:func:`gram_kernel.supported`) take one kernel
+  each, and one reduction sums all the kernels' partial sums; those with
+  fewer than ``gram_kernel.SMALL`` entries per group (biases, norms' scales)
+  are concatenated in float32 and take one XLA dot; the rest take XLA's dot
+  one by one. Differentiable (the tangent by XLA's dots).
+  """
+  grams, small, partials = [], [], []
+  for leaf in leaves:
+    if gram_kernel.supported(leaf.shape, leaf.dtype):
+      partials.append(gram_kernel.leaf_partials(leaf, interpret))
+    elif (leaf[0].size < gram_kernel.SMALL
+          and jnp.dtype(leaf.dtype).itemsize <= 4):
+      small.append(leaf.reshape(leaf.shape[0], -1).astype(jnp.float32))
+    else:
+      grams.append(leaf_gram(leaf))
+  if small:
+    grams.append(leaf_gram(jnp.concatenate(small, axis=1)))
+  if partials:
+    # One reduction over every kernel's partial sums (all have r x r blocks:
+    # r depends on m alone) rather than one small reduction per leaf.
+    summed = jnp.sum(jnp.concatenate(partials, axis=0), axis=0)
+    grams.append(gram_kernel.finish(summed, leaves[0].shape[0]))
+  return total(grams)
+
+
+@kernel_gram.defjvp
+def _kernel_gram_jvp(interpret, primals, tangents):
+  (leaves,), (dleaves,) = primals, tangents
+  cross = total([_cross(x, t) for x, t in zip(leaves, dleaves)])
+  return kernel_gram(leaves, interpret), cross + cross.T
+
+
+def _on_gpu(*leaves: jax.Array) -> jax.Array:
+  try:
+    return kernel_gram(tuple(leaves))
+  except ValueError:
+    # Pallas cannot type its outputs in this context (inside jax.shard_map
+    # with check_vma=True on some JAX versions): XLA's dots instead.
+    return _on_xla(*leaves)
+
+
+def _on_xla(*leaves: jax.Array) -> jax.Array:
+  return total([leaf_gram(leaf, axes_lib.explicit_replicated(leaf))
+                for leaf in leaves])
+
+
 def gram_of_leaves(leaves: Sequence[jax.Array],
                    param_axes: Tuple[Any, ...] = ()) -> jax.Array:
-  """:func:`gram_matrix` of checked leaves (``param_axes`` bound, tracked)."""
+  """:func:`gram_matrix` of checked leaves (``param_axes`` bound, tracked).
+
+  On one CUDA GPU the large leaves go through :mod:`gram_kernel`'s kernel;
+  elsewhere each leaf is one XLA dot.
+  """
+  if (not param_axes and any(gram_kernel.supported(x.shape, x.dtype)
+                             for x in leaves) and gram_kernel.enabled()):
+    # platform_dependent picks the branch for the device the computation
+    # lands on (a jit may target the CPU on a GPU host).
+    return jax.lax.platform_dependent(*leaves, cuda=_on_gpu, default=_on_xla)
   grams = [leaf_gram(leaf, axes_lib.explicit_replicated(leaf))
            for leaf in leaves]
   if not param_axes:

@@ -1,0 +1,107 @@
+"""The Gram matrix's GPU kernel: same matrix as a float64 reference.
+
+On a CPU the kernel runs in Pallas' interpreter; on a CUDA GPU (one device)
+the last test checks the compiled kernel inside ``gram_matrix``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grain_optax
+from grain_optax._src import gram
+from grain_optax._src import gram_kernel
+
+
+@pytest.fixture
+def small_leaves_take_the_kernel(monkeypatch):
+  # The size below which leaves skip the kernel is a speed threshold; lower
+  # it so that the interpreted kernel runs on small arrays.
+  monkeypatch.setattr(gram_kernel, 'SMALL', 1024)
+
+
+def _reference(leaves):
+  m = leaves[0].shape[0]
+  flat = np.concatenate([np.asarray(x.astype(jnp.float32), np.float64)
+                         .reshape(m, -1) for x in leaves], axis=1)
+  return flat @ flat.T
+
+
+@pytest.mark.parametrize('m', [1, 2, 4, 8, 16, 32])
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_kernel_gram_of_one_leaf(m, dtype, small_leaves_take_the_kernel):
+  rng = np.random.default_rng(m)
+  # Gradients of very different sizes per group: the relative error is
+  # measured against the largest entry, as the solver sees it.
+  scale = np.logspace(-3, 3, m)[:, None, None]
+  x = jnp.asarray(rng.standard_normal((m, 16, 512)) * scale, dtype)
+  assert gram_kernel.supported(x.shape, x.dtype)
+  k = gram_kernel.leaf_gram(x, interpret=True)
+  assert k.dtype == jnp.float32 and k.shape == (m, m)
+  ref = _reference([x])
+  # 16-bit products are exact in float32; only float32 sums are rounded.
+  np.testing.assert_allclose(k, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+  np.testing.assert_array_equal(k, k.T)
+
+
+def test_supported_shapes():
+  ok = gram_kernel.supported
+  assert ok((4, 768, 3072), jnp.bfloat16)
+  assert ok((8, 8192, 768), jnp.float32)
+  assert not ok((3, 768, 3072), jnp.bfloat16)  # m not a power of two
+  assert not ok((128, 768, 3072), jnp.bfloat16)  # m above 64
+  assert not ok((4, 768, 3071), jnp.bfloat16)  # no block divides it
+  assert not ok((4, 3072), jnp.bfloat16)  # small: concatenated instead
+  assert not ok((4, 768, 3072), jnp.float64)
+  assert not ok((4,), jnp.float32)
+
+
+def test_kernel_gram_of_a_mixed_tree_and_its_derivative(
+    small_leaves_take_the_kernel):
+  rng = np.random.default_rng(0)
+  leaves = (
+      jnp.asarray(rng.standard_normal((4, 32, 128)), jnp.bfloat16),  # kernel
+      jnp.asarray(rng.standard_normal((4, 16, 256)), jnp.float32),  # kernel
+      jnp.asarray(rng.standard_normal((4, 300)), jnp.float32),  # small
+      jnp.asarray(rng.standard_normal((4, 17)), jnp.bfloat16),  # small
+      jnp.asarray(rng.standard_normal((4, 7, 1101)), jnp.float32),  # XLA
+  )
+  k = gram.kernel_gram(leaves, True)
+  ref = _reference(leaves)
+  np.testing.assert_allclose(k, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+
+  # d/ds K(s x) = 2 s K(x): the tangent rule, under jit and vmap.
+  def f(s, leaves):
+    return gram.kernel_gram(tuple(x * s for x in leaves), True)
+
+  dk = jax.jit(jax.jacfwd(f))(jnp.float32(1.0), leaves)
+  np.testing.assert_allclose(dk, 2 * ref, rtol=1e-5,
+                             atol=1e-5 * np.abs(ref).max())
+  stacked = tuple(jnp.stack([x, 2 * x]) for x in leaves)
+  batched = jax.vmap(lambda t: gram.kernel_gram(t, True))(stacked)
+  np.testing.assert_allclose(batched[1], 4 * batched[0], rtol=1e-6)
+
+
+def test_probe_and_backend_variable(monkeypatch):
+  gram_kernel.probe(interpret=True)
+  monkeypatch.setenv(gram_kernel.ENVIRONMENT_VARIABLE, 'xla')
+  assert not gram_kernel.enabled()
+  monkeypatch.setenv(gram_kernel.ENVIRONMENT_VARIABLE, 'triton')
+  with pytest.raises(ValueError, match='GRAIN_OPTAX_GRAM_BACKEND'):
+    gram_kernel.enabled()
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu' or jax.device_count() != 1,
+                    reason='the compiled kernel needs one CUDA GPU')
+def test_gram_matrix_uses_the_kernel_on_one_gpu():
+  rng = np.random.default_rng(1)
+  tree = {'w': jnp.asarray(rng.standard_normal((8, 768, 3072)), jnp.bfloat16),
+          'e': jnp.asarray(rng.standard_normal((8, 8192, 768)), jnp.float32),
+          'b': jnp.asarray(rng.standard_normal((8, 3072)), jnp.float32)}
+  assert gram_kernel.enabled()
+  hlo = jax.jit(grain_optax.gram_matrix).lower(tree).as_text()
+  assert 'triton' in hlo.lower() or 'pallas' in hlo.lower()
+  k = jax.jit(grain_optax.gram_matrix)(tree)
+  ref = _reference(jax.tree_util.tree_leaves(tree))
+  np.testing.assert_allclose(k, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
