@@ -51,7 +51,8 @@ def test_supported_shapes():
   assert ok((8, 8192, 768), jnp.float32)
   assert not ok((3, 768, 3072), jnp.bfloat16)  # m not a power of two
   assert not ok((128, 768, 3072), jnp.bfloat16)  # m above 64
-  assert not ok((4, 768, 3071), jnp.bfloat16)  # no block divides it
+  assert ok((4, 30522, 384), jnp.bfloat16)  # columns left over: one XLA dot
+  assert not ok((4, 767, 3071), jnp.bfloat16)  # not 4 equal parts per group
   assert not ok((4, 3072), jnp.bfloat16)  # small: concatenated instead
   assert not ok((4, 768, 3072), jnp.float64)
   assert not ok((4,), jnp.float32)
@@ -66,6 +67,7 @@ def test_kernel_gram_of_a_mixed_tree_and_its_derivative(
       jnp.asarray(rng.standard_normal((4, 300)), jnp.float32),  # small
       jnp.asarray(rng.standard_normal((4, 17)), jnp.bfloat16),  # small
       jnp.asarray(rng.standard_normal((4, 7, 1101)), jnp.float32),  # XLA
+      jnp.asarray(rng.standard_normal((4, 4, 1999)), jnp.bfloat16),  # + tail
   )
   k = gram.kernel_gram(leaves, True)
   ref = _reference(leaves)
@@ -98,6 +100,7 @@ def test_gram_matrix_uses_the_kernel_on_one_gpu():
   rng = np.random.default_rng(1)
   tree = {'w': jnp.asarray(rng.standard_normal((8, 768, 3072)), jnp.bfloat16),
           'e': jnp.asarray(rng.standard_normal((8, 8192, 768)), jnp.float32),
+          'v': jnp.asarray(rng.standard_normal((8, 30522, 384)), jnp.bfloat16),
           'b': jnp.asarray(rng.standard_normal((8, 3072)), jnp.float32)}
   assert gram_kernel.enabled()
   hlo = jax.jit(grain_optax.gram_matrix).lower(tree).as_text()

@@ -22,8 +22,9 @@ float32 dot (no TF32). Only the order of the float32 sums differs.
 
 Where the kernel runs: CUDA GPUs, one device (``jax.device_count() == 1``; a
 sharded leaf would be gathered to feed a kernel the partitioner cannot
-split), ``m`` a power of two up to 64, and leaves the block divides; every
-other leaf, and every other platform, goes through XLA's dot. The kernel is
+split), ``m`` a power of two up to 64, and leaves of at least ``SMALL``
+entries per group (see :func:`supported`); every other leaf, and every other
+platform, goes through XLA's dot. The kernel is
 built and checked once per process on a problem of known answer; where the
 check fails (Pallas' GPU backends change between JAX releases) XLA is used,
 with a warning. ``GRAIN_OPTAX_GRAM_BACKEND=xla`` turns the kernel off.
@@ -77,25 +78,31 @@ def _rows(m: int) -> Optional[int]:
   return max(16, m)
 
 
-def _span(q: int) -> Optional[int]:
+def _span(q: int) -> int:
+  """Columns per program: the largest power of two from ``MIN_SPAN`` to
+  ``MAX_SPAN`` that still gives ``MIN_PROGRAMS`` programs (if any)."""
   span = MAX_SPAN
-  while span > MIN_SPAN and (q % span or q // span < MIN_PROGRAMS):
+  while span > MIN_SPAN and q // span < MIN_PROGRAMS:
     span //= 2
-  return span if q % span == 0 and span % CHUNK == 0 else None
+  return span
 
 
 def supported(shape, dtype) -> bool:
-  """Whether the kernel takes a ``[m, *param_shape]`` leaf of ``dtype``."""
+  """Whether the kernel takes a ``[m, *param_shape]`` leaf of ``dtype``.
+
+  ``m`` must be a power of two up to 64, the dtype bfloat16, float16 or
+  float32, a group's slice at least ``SMALL`` entries, and (for ``m < 16``)
+  divisible into ``16 / m`` equal parts.
+  """
   dtype = jnp.dtype(dtype)
   if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
                    jnp.dtype(jnp.float32)) or len(shape) < 1:
     return False
   m = shape[0]
-  rows = _rows(m)
+  r = _rows(m)
   p = int(np.prod(shape[1:], dtype=np.int64))
-  if rows is None or p < SMALL or p % (rows // m):
-    return False
-  return _span(p * m // rows) is not None
+  return (r is not None and p >= SMALL and p % (r // m) == 0
+          and p * m // r >= MIN_SPAN)
 
 
 def _kernel(x_ref, o_ref, *, steps: int, chunk: int, precision):
@@ -113,9 +120,12 @@ def _kernel(x_ref, o_ref, *, steps: int, chunk: int, precision):
 
 
 def leaf_partials(x: jax.Array, interpret: bool = False) -> jax.Array:
-  """``[programs, r, r]`` float32 partial sums of one supported leaf's Gram.
+  """``[n, r, r]`` float32 partial sums of one supported leaf's Gram.
 
-  Their sum over the first axis, passed to :func:`finish`, is the Gram.
+  The leaf is viewed as ``[r, q]``; each of the kernel's programs sums
+  ``x x^T`` over its ``span`` columns, and the columns the programs do not
+  cover (fewer than ``span``) take one XLA dot, the last partial sum. Their
+  sum over the first axis, passed to :func:`finish`, is the Gram.
 
   Args:
     x: a ``[m, ...]`` leaf for which :func:`supported` holds.
@@ -125,6 +135,8 @@ def leaf_partials(x: jax.Array, interpret: bool = False) -> jax.Array:
   r = _rows(x.shape[0])
   q = x.size // r
   span = _span(q)
+  chunk = min(CHUNK, span)
+  programs = q // span
   precision = (jax.lax.Precision.HIGHEST if x.dtype == jnp.float32
                else jax.lax.Precision.DEFAULT)
   kwargs = {}
@@ -132,14 +144,22 @@ def leaf_partials(x: jax.Array, interpret: bool = False) -> jax.Array:
     from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
     kwargs['compiler_params'] = pl_triton.CompilerParams(
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-  return pl.pallas_call(
-      functools.partial(_kernel, steps=span // CHUNK, chunk=CHUNK,
+  view = x.reshape(r, q)
+  partials = pl.pallas_call(
+      functools.partial(_kernel, steps=span // chunk, chunk=chunk,
                         precision=precision),
-      out_shape=jax.ShapeDtypeStruct((q // span, r, r), jnp.float32),
-      grid=(q // span,),
+      out_shape=jax.ShapeDtypeStruct((programs, r, r), jnp.float32),
+      grid=(programs,),
       in_specs=[pl.BlockSpec((r, span), lambda i: (0, i))],
       out_specs=pl.BlockSpec((1, r, r), lambda i: (i, 0, 0)),
-      interpret=interpret, **kwargs)(x.reshape(r, q))
+      interpret=interpret, **kwargs)(view)
+  if programs * span == q:
+    return partials
+  tail = view[:, programs * span:]
+  rest = jax.lax.dot_general(
+      tail, tail, (((1,), (1,)), ((), ())),
+      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return jnp.concatenate([partials, rest[None]], axis=0)
 
 
 def finish(summed: jax.Array, m: int) -> jax.Array:
