@@ -48,15 +48,15 @@ def kernel_gram(leaves: Tuple[jax.Array, ...],
   """The Gram of one device's leaves with the GPU kernel where it applies.
 
   Leaves the kernel supports (:func:`gram_kernel.supported`) take one kernel
-  each, and one reduction sums all the kernels' partial sums; those with
+  launch together, and one reduction sums its partial sums; those with
   fewer than ``gram_kernel.SMALL`` entries per group (biases, norms' scales)
   are concatenated in float32 and take one XLA dot; the rest take XLA's dot
   one by one. Differentiable (the tangent by XLA's dots).
   """
-  grams, small, partials = [], [], []
+  grams, small, kernel = [], [], []
   for leaf in leaves:
     if gram_kernel.supported(leaf.shape, leaf.dtype):
-      partials.append(gram_kernel.leaf_partials(leaf, interpret))
+      kernel.append(leaf)
     elif (leaf[0].size < gram_kernel.SMALL
           and jnp.dtype(leaf.dtype).itemsize <= 4):
       small.append(leaf.reshape(leaf.shape[0], -1).astype(jnp.float32))
@@ -64,10 +64,8 @@ def kernel_gram(leaves: Tuple[jax.Array, ...],
       grams.append(leaf_gram(leaf))
   if small:
     grams.append(leaf_gram(jnp.concatenate(small, axis=1)))
-  if partials:
-    # One reduction over every kernel's partial sums (all have r x r blocks:
-    # r depends on m alone) rather than one small reduction per leaf.
-    summed = jnp.sum(jnp.concatenate(partials, axis=0), axis=0)
+  if kernel:
+    summed = jnp.sum(gram_kernel.partials(kernel, interpret), axis=0)
     grams.append(gram_kernel.finish(summed, leaves[0].shape[0]))
   return total(grams)
 

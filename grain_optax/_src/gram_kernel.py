@@ -34,7 +34,7 @@ import concurrent.futures
 import functools
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -106,87 +106,115 @@ def supported(shape, dtype) -> bool:
           and p * m // r >= MIN_SPAN)
 
 
-def _kernel(x_ref, o_ref, *, steps: int, chunk: int):
+def _kernel(*refs, plan):
+  """Program ``i`` sums ``x x^T`` over one block of the leaf it falls in."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  *x_refs, o_ref = refs
+  pid = pl.program_id(0)
+  r = o_ref.shape[1]
+  for x_ref, (start, count, steps, chunk) in zip(x_refs, plan):
 
-  def body(c, acc):
-    x = x_ref[:, pl.ds(pl.multiple_of(c * chunk, chunk), chunk)]
-    return acc + jax.lax.dot_general(
-        x, x, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    @pl.when((pid >= start) & (pid < start + count))
+    def _(x_ref=x_ref, steps=steps, chunk=chunk):
+      def body(c, acc):
+        x = x_ref[:, pl.ds(pl.multiple_of(c * chunk, chunk), chunk)]
+        return acc + jax.lax.dot_general(
+            x, x, (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32)
 
-  rows = x_ref.shape[0]
-  o_ref[...] = jax.lax.fori_loop(
-      0, steps, body, jnp.zeros((rows, rows), jnp.float32))[None]
+      o_ref[...] = jax.lax.fori_loop(
+          0, steps, body, jnp.zeros((r, r), jnp.float32))[None]
 
 
-def leaf_partials(x: jax.Array, interpret: bool = False) -> jax.Array:
-  """``[n, r, r]`` float32 partial sums of one supported leaf's Gram.
+def partials(leaves: Sequence[jax.Array],
+             interpret: bool = False) -> jax.Array:
+  """``[n, r, r]`` float32 partial sums of supported leaves' Gram.
 
-  The leaf is viewed as ``[r, q]``; each of the kernel's programs sums
-  ``x x^T`` over its ``span`` columns, and the columns the programs do not
-  cover (fewer than ``span``) take one XLA dot, the last partial sum. Their
-  sum over the first axis, passed to :func:`finish`, is the Gram.
+  One kernel launch covers every leaf (a launch per leaf left the GPU idle
+  between them): each leaf is viewed as ``[r, q]`` and cut into blocks of
+  ``span`` columns, one program per block, each summing ``x x^T`` over its
+  block. The columns past a leaf's last whole block (fewer than ``span``)
+  take one XLA dot, one more partial sum. Their sum over the first axis,
+  passed to :func:`finish`, is the Gram.
 
   Args:
-    x: a ``[m, ...]`` leaf for which :func:`supported` holds.
+    leaves: ``[m, ...]`` leaves (one ``m``) for which :func:`supported` holds.
     interpret: run the kernel in Pallas' interpreter (any device; tests).
   """
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-  r = _rows(x.shape[0])
-  q = x.size // r
-  span = _span(q)
-  chunk = min(CHUNK, span)
-  programs = q // span
+  r = _rows(leaves[0].shape[0])
+  views, plan, specs, tails = [], [], [], []
+  start = 0
+  for x in leaves:
+    q = x.size // r
+    span = _span(q)
+    chunk = min(CHUNK, span)
+    count = q // span
+    view = x.reshape(r, q)
+    views.append(view)
+    plan.append((start, count, span // chunk, chunk))
+    specs.append(pl.BlockSpec(
+        (r, span),
+        lambda i, start=start, count=count: (
+            0, jnp.clip(i - start, 0, count - 1))))
+    if count * span < q:
+      tails.append(view[:, count * span:])
+    start += count
   kwargs = {}
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
     kwargs['compiler_params'] = pl_triton.CompilerParams(
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-  view = x.reshape(r, q)
-  partials = pl.pallas_call(
-      functools.partial(_kernel, steps=span // chunk, chunk=chunk),
-      out_shape=jax.ShapeDtypeStruct((programs, r, r), jnp.float32),
-      grid=(programs,),
-      in_specs=[pl.BlockSpec((r, span), lambda i: (0, i))],
+  out = [pl.pallas_call(
+      functools.partial(_kernel, plan=tuple(plan)),
+      out_shape=jax.ShapeDtypeStruct((start, r, r), jnp.float32),
+      grid=(start,),
+      in_specs=specs,
       out_specs=pl.BlockSpec((1, r, r), lambda i: (i, 0, 0)),
-      interpret=interpret, **kwargs)(view)
-  if programs * span == q:
-    return partials
-  tail = view[:, programs * span:]
-  rest = jax.lax.dot_general(
-      tail, tail, (((1,), (1,)), ((), ())),
-      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return jnp.concatenate([partials, rest[None]], axis=0)
+      interpret=interpret, **kwargs)(*views)]
+  for tail in tails:
+    out.append(jax.lax.dot_general(
+        tail, tail, (((1,), (1,)), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32)[None])
+  return out[0] if len(out) == 1 else jnp.concatenate(out, axis=0)
 
 
 def finish(summed: jax.Array, m: int) -> jax.Array:
-  """The ``[m, m]`` Gram from the ``[r, r]`` sum of :func:`leaf_partials`."""
+  """The ``[m, m]`` Gram from the ``[r, r]`` sum of :func:`partials`."""
   s = summed.shape[0] // m
   return jnp.trace(summed.reshape(m, s, m, s), axis1=1, axis2=3)
 
 
 def leaf_gram(x: jax.Array, interpret: bool = False) -> jax.Array:
   """The ``[m, m]`` float32 Gram of one supported ``[m, ...]`` leaf."""
-  return finish(jnp.sum(leaf_partials(x, interpret), axis=0), x.shape[0])
+  return finish(jnp.sum(partials([x], interpret), axis=0), x.shape[0])
 
 
 def probe(interpret: bool = False) -> None:
-  """Runs the kernel on leaves of known Gram; raises if it is wrong."""
-  m, p = 4, 1 << 17
-  pattern = (np.arange(p) % 7 - 3).astype(np.float32)
-  x = np.stack([pattern * (i + 1) for i in range(m)])
-  want = np.outer(np.arange(1, m + 1), np.arange(1, m + 1)) * float(
-      pattern @ pattern)
-  for dtype in (jnp.bfloat16, jnp.float16):
-    leaf = jnp.asarray(x, dtype)
-    if not interpret:
-      leaf = jax.device_put(leaf, jax.local_devices(backend='gpu')[0])
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore')
-      got = np.asarray(jax.jit(functools.partial(
-          leaf_gram, interpret=interpret))(leaf))
-    if not np.allclose(got, want, rtol=1e-6):
-      raise RuntimeError(f'the Gram kernel returned {got}, expected {want}')
+  """Runs the kernel on leaves of known Gram; raises if it is wrong.
+
+  Two leaves of different dtypes and sizes in one launch, one of them with
+  columns past its last whole block.
+  """
+  m = 4
+  sizes = (1 << 17, (1 << 16) + 4 * 100)
+  xs, want = [], 0.0
+  for p in sizes:
+    pattern = (np.arange(p) % 7 - 3).astype(np.float32)
+    xs.append(np.stack([pattern * (i + 1) for i in range(m)]))
+    want = want + np.outer(np.arange(1, m + 1), np.arange(1, m + 1)) * float(
+        pattern @ pattern)
+  leaves = [jnp.asarray(xs[0], jnp.bfloat16), jnp.asarray(xs[1], jnp.float16)]
+  if not interpret:
+    gpu = jax.local_devices(backend='gpu')[0]
+    leaves = [jax.device_put(x, gpu) for x in leaves]
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    got = np.asarray(jax.jit(lambda t: finish(
+        jnp.sum(partials(t, interpret), axis=0), m))(leaves))
+  if not np.allclose(got, want, rtol=1e-6):
+    raise RuntimeError(f'the Gram kernel returned {got}, expected {want}')
 
 
 @functools.lru_cache(maxsize=None)
