@@ -136,6 +136,12 @@ def gram_matrix(per_group: Any, *,
   float32 accumulation whatever its dtype (bfloat16 and float16 products are
   exact in float32) and full float32 precision on accelerators (no TF32).
 
+  On one CUDA GPU, bfloat16 and float16 leaves of at least 2^16 entries per
+  group are read in one Pallas kernel launch on tensor cores (the products
+  exact, the sums float32 in another order than XLA's); float32 and small
+  leaves, every other platform, several devices, and
+  ``GRAIN_OPTAX_GRAM_BACKEND=xla`` in the environment use XLA's dot.
+
   Sharded parameters: under ``jax.jit`` a leaf sharded along its parameter
   dimensions gives partial products that the partitioner sums with an
   all-reduce of the ``[m, m]`` result; no gradient is gathered. Inside
