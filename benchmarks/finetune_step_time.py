@@ -27,6 +27,7 @@ import time
 import jax
 import numpy as np
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent
                        / 'examples'))
 import finetune_text  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -63,7 +64,22 @@ def time_config(*, mode, batch, seq, method, groups, args):
       state, metrics = compiled(state, data)
     jax.block_until_ready((state, metrics))
     per_step.append((time.perf_counter() - start) / args.steps * 1e3)
+  profile = {}
+  if args.profile:
+    # Device time of the same step: the wall-clock time of this small model
+    # is bound by the host (issue 13: repeats spread from 3 to 10 ms).
+    import _gpt  # pylint: disable=g-import-not-at-top
+    holder = [state]
+
+    def run():
+      holder[0], out = compiled(holder[0], data)
+      return out
+
+    profile = _gpt.profile_device(run, steps=5)
+    state = holder[0]
   return {
+      'device_busy_ms': profile.get('busy_ms'),
+      'device_kernels': profile.get('kernels'),
       'mode': mode, 'lora_rank': lora_rank, 'batch': batch, 'seq': seq,
       'method': method, 'groups': groups if method == 'grain' else 1,
       'dtype': args.dtype, 'layers': args.layers or 6,
@@ -91,6 +107,8 @@ def main(argv=None):
   p.add_argument('--gram-backends', default='auto',
                  help="GRAIN steps once per Gram backend, e.g. 'auto,xla' "
                  '(GRAIN_OPTAX_GRAM_BACKEND at compile time; same process)')
+  p.add_argument('--profile', action='store_true',
+                 help='also measure device busy time per step (GPU profile)')
   p.add_argument('--json', default=None, help='also write JSON lines here')
   p.add_argument('--tiny', action='store_true',
                  help='CPU smoke run: 1 layer, batch 4 x 16 tokens, m = 2, '
@@ -131,7 +149,7 @@ def main(argv=None):
         f"{env['jax']}, {args.dtype} compute, float32 params; median of "
         f"{args.repeats} x {args.steps} steps")
   print(f"{'mode':<10}{'batch':>10}  {'method':<12}{'ms/step':>9}"
-        f"{'x mean':>8}{'compile s':>11}")
+        f"{'x mean':>8}{'compile s':>11}{'busy ms':>9}{'x mean':>8}")
   for row in rows:
     base = next(r for r in rows if r['mode'] == row['mode']
                 and r['batch'] == row['batch'] and r['method'] == 'mean')
@@ -140,9 +158,13 @@ def main(argv=None):
       name += f" ({row['gram_backend']})"
     mode = (f"LoRA r={row['lora_rank']}" if row['lora_rank'] else 'full')
     row['ratio_to_mean'] = row['ms_per_step'] / base['ms_per_step']
+    busy, base_busy = row['device_busy_ms'], base['device_busy_ms']
+    row['busy_ratio_to_mean'] = busy / base_busy if busy and base_busy else None
+    busy_cols = (f"{busy:>9.3f}{row['busy_ratio_to_mean']:>8.2f}"
+                 if row['busy_ratio_to_mean'] else f"{'-':>9}{'-':>8}")
     print(f"{mode:<10}{row['batch']:>5} x {row['seq']:<3} {name:<12}"
           f"{row['ms_per_step']:>9.2f}{row['ratio_to_mean']:>8.2f}"
-          f"{row['compile_s']:>11.1f}")
+          f"{row['compile_s']:>11.1f}{busy_cols}")
   if args.json:
     with open(args.json, 'w') as f:
       for row in rows:
