@@ -94,6 +94,8 @@ def test_probe_and_backend_variable(monkeypatch):
   monkeypatch.setenv(gram_kernel.ENVIRONMENT_VARIABLE, 'triton')
   with pytest.raises(ValueError, match='GRAIN_OPTAX_GRAM_BACKEND'):
     gram_kernel.enabled()
+  with pytest.raises(ValueError, match='GRAIN_OPTAX_GRAM_BACKEND'):
+    grain_optax.gram_matrix({'b': jnp.ones((2, 3))})
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu' or jax.device_count() != 1,

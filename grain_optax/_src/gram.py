@@ -98,6 +98,9 @@ def gram_of_leaves(leaves: Sequence[jax.Array],
   On one CUDA GPU the large leaves go through :mod:`gram_kernel`'s kernel;
   elsewhere each leaf is one XLA dot.
   """
+  # Checked on every call, so that a misspelt GRAIN_OPTAX_GRAM_BACKEND fails
+  # wherever a Gram is traced, not only where the kernel could run.
+  gram_kernel.backend_from_environment()
   if (not param_axes and any(gram_kernel.supported(x.shape, x.dtype)
                              for x in leaves) and gram_kernel.enabled()):
     # platform_dependent picks the branch for the device the computation
