@@ -43,8 +43,8 @@ import numpy as np
 ENVIRONMENT_VARIABLE = 'GRAIN_OPTAX_GRAM_BACKEND'
 
 # Columns each loop step of a program multiplies, and the largest and
-# smallest columns one program covers: tuned on an H100 (benchmarks/
-# step_overhead.py --gram_times).
+# smallest columns one program covers: swept on an H100 (benchmarks/
+# step_overhead.py --gram_tune; 2 warps and 128 columns were fastest).
 CHUNK = 128
 MAX_SPAN = 8192
 MIN_SPAN = 256
