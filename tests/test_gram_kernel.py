@@ -74,6 +74,9 @@ def test_kernel_gram_of_a_mixed_tree_and_its_derivative(
   k = gram.kernel_gram(leaves, True)
   ref = _reference(leaves)
   np.testing.assert_allclose(k, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+  with pytest.MonkeyPatch.context() as patch:  # one kernel leaf per launch
+    patch.setattr(gram_kernel, 'LEAVES_PER_LAUNCH', 1)
+    np.testing.assert_allclose(gram.kernel_gram(leaves, True), k, rtol=1e-6)
 
   # d/ds K(s x) = 2 s K(x): the tangent rule, under jit and vmap.
   def f(s, leaves):

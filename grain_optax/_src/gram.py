@@ -65,7 +65,13 @@ def kernel_gram(leaves: Tuple[jax.Array, ...],
   if small:
     grams.append(leaf_gram(jnp.concatenate(small, axis=1)))
   if kernel:
-    summed = jnp.sum(gram_kernel.partials(kernel, interpret), axis=0)
+    # One launch per LEAVES_PER_LAUNCH leaves: the kernel holds a branch per
+    # leaf, and its compile time grows with them.
+    n = gram_kernel.LEAVES_PER_LAUNCH
+    parts = [gram_kernel.partials(kernel[i:i + n], interpret)
+             for i in range(0, len(kernel), n)]
+    summed = jnp.sum(parts[0] if len(parts) == 1
+                     else jnp.concatenate(parts, axis=0), axis=0)
     grams.append(gram_kernel.finish(summed, leaves[0].shape[0]))
   return total(grams)
 

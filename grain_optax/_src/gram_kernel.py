@@ -52,6 +52,8 @@ MIN_SPAN = 256
 MIN_PROGRAMS = 512
 NUM_WARPS = 2
 NUM_STAGES = 3
+# Leaves one launch covers at most (a branch each in the kernel).
+LEAVES_PER_LAUNCH = 64
 # Leaves with fewer entries per group than this are concatenated into one
 # float32 matrix and take one XLA dot (a kernel launch each would cost more
 # than they hold).
