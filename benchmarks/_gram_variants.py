@@ -182,7 +182,7 @@ def make_gram(variant, interpret=False, small=1 << 16):
     leaves = jax.tree_util.tree_leaves(per_group)
     if variant == 'xla':
       from grain_optax._src import gram as gram_lib  # pylint: disable=g-import-not-at-top
-      return gram_lib._on_xla(*leaves)  # pylint: disable=protected-access
+      return gram_lib.xla_gram(*leaves)
     m = leaves[0].shape[0]
     flat = [x.reshape(m, -1) for x in leaves]
     if variant == 'flat':

@@ -13,8 +13,6 @@ when it is None, :func:`default_backend` reads the environment variable
 time.
 """
 
-import concurrent.futures
-import functools
 import os
 import warnings
 from typing import Literal, Optional, Tuple
@@ -23,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grain_optax._src import kernel_probe
 from grain_optax._src import wolfe
 
 Backend = Literal['auto', 'xla', 'pallas_interpret']
@@ -88,12 +87,6 @@ def run_pallas(k: jax.Array, valid_f: jax.Array, tolerance: jax.Array,
 
 
 
-@functools.lru_cache(maxsize=None)
-def _gpu_present() -> bool:
-  try:
-    return bool(jax.devices('gpu'))
-  except RuntimeError:
-    return False
 
 
 def probe_pallas(interpret: bool = False) -> np.ndarray:
@@ -114,29 +107,6 @@ def probe_pallas(interpret: bool = False) -> np.ndarray:
     raise RuntimeError(f'the kernel returned {w}, expected [0.9, 0.1]')
   return w
 
-
-@functools.lru_cache(maxsize=None)
-def _pallas_usable() -> bool:
-  """Whether the Pallas kernel compiles, runs and is right on this GPU.
-
-  Checked once per process on a 2-group problem with a known answer. Pallas'
-  GPU backends change between JAX releases (the Triton one is deprecated):
-  where the kernel cannot be built, the exact solver runs under XLA instead,
-  with a warning, rather than failing the training step. The probe runs in
-  a worker thread: this is called while a training step is being traced, and
-  tracing contexts are per thread, so the probe runs eagerly there.
-  """
-  try:
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      pool.submit(probe_pallas).result()
-    return True
-  except Exception as e:  # pylint: disable=broad-except
-    warnings.warn(
-        'grain_optax: the exact solver\'s Pallas GPU kernel is unavailable on '
-        f'this JAX ({jax.__version__}): {type(e).__name__}: {e}. The same '
-        'algorithm runs under XLA instead (correct, with a few more '
-        'microseconds per step).', RuntimeWarning, stacklevel=2)
-    return False
 
 
 # The kernel runs as one GPU program, so its n^3 factorisation is serial
@@ -189,8 +159,11 @@ def solve(k: jax.Array, valid: jax.Array, tolerance: jax.typing.ArrayLike,
     w, iterations = on_xla(*args)
   elif backend == 'pallas_interpret':
     w, iterations = run_pallas(*args, max_iterations, interpret=True)
-  elif (k.shape[0] <= _KERNEL_MAX_GROUPS and _gpu_present()
-        and _pallas_usable()):
+  elif (k.shape[0] <= _KERNEL_MAX_GROUPS and kernel_probe.gpu_present()
+        and kernel_probe.passes(
+            probe_pallas, "the exact solver's Pallas GPU kernel",
+            'The same algorithm runs under XLA instead (correct, with a few '
+            'more microseconds per step).')):
     # platform_dependent picks the branch for the device the computation
     # lands on (a jit may target the CPU on a GPU host).
     w, iterations = jax.lax.platform_dependent(

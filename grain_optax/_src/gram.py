@@ -11,19 +11,23 @@ from grain_optax._src import gram_kernel
 from grain_optax._src import validation
 
 
-def leaf_gram(leaf: jax.Array, out_sharding: Any = None) -> jax.Array:
+def leaf_gram(leaf: jax.Array, out_sharding: Any = None,
+              other: Optional[jax.Array] = None) -> jax.Array:
   """The ``[m, m]`` float32 Gram of one ``[m, ...]`` leaf, contracted in place.
 
   A reshape to ``[m, P]`` would make the partitioner gather a leaf sharded
   along a minor parameter axis, so the parameter axes are contracted as they
   are. ``out_sharding`` (None: the partitioner's choice) is passed to
-  ``dot_general``.
+  ``dot_general``. With ``other`` (a leaf of the same shape), the cross
+  products ``<leaf_i, other_j>`` instead.
   """
-  flat = leaf if leaf.ndim > 1 else leaf.reshape(leaf.shape[0], 1)
-  dims = (tuple(range(1, flat.ndim)),) * 2
+  other = leaf if other is None else other.astype(leaf.dtype)
+  if leaf.ndim == 1:
+    leaf, other = leaf[:, None], other[:, None]
+  dims = (tuple(range(1, leaf.ndim)),) * 2
   kwargs = {} if out_sharding is None else {'out_sharding': out_sharding}
   return jax.lax.dot_general(
-      flat, flat,
+      leaf, other,
       dimension_numbers=(dims, ((), ())),
       precision=jax.lax.Precision.HIGHEST,
       preferred_element_type=jnp.float32, **kwargs)
@@ -32,14 +36,6 @@ def leaf_gram(leaf: jax.Array, out_sharding: Any = None) -> jax.Array:
 def total(grams: Sequence[jax.Array]) -> jax.Array:
   """The sum of a non-empty list of Gram matrices, in order."""
   return sum(grams[1:], grams[0])
-
-
-def _cross(x: jax.Array, t: jax.Array) -> jax.Array:
-  """``[m, m]`` float32 ``<x_i, t_j>`` of two ``[m, ...]`` leaves."""
-  dims = (tuple(range(1, x.ndim)),) * 2
-  return jax.lax.dot_general(
-      x, t.astype(x.dtype), dimension_numbers=(dims, ((), ())),
-      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -79,7 +75,7 @@ def kernel_gram(leaves: Tuple[jax.Array, ...],
 @kernel_gram.defjvp
 def _kernel_gram_jvp(interpret, primals, tangents):
   (leaves,), (dleaves,) = primals, tangents
-  cross = total([_cross(x, t) for x, t in zip(leaves, dleaves)])
+  cross = total([leaf_gram(x, other=t) for x, t in zip(leaves, dleaves)])
   return kernel_gram(leaves, interpret), cross + cross.T
 
 
@@ -89,12 +85,18 @@ def _on_gpu(*leaves: jax.Array) -> jax.Array:
   except ValueError:
     # Pallas cannot type its outputs in this context (inside jax.shard_map
     # with check_vma=True on some JAX versions): XLA's dots instead.
-    return _on_xla(*leaves)
+    return xla_gram(*leaves)
 
 
-def _on_xla(*leaves: jax.Array) -> jax.Array:
-  return total([leaf_gram(leaf, axes_lib.explicit_replicated(leaf))
-                for leaf in leaves])
+def _xla_grams(leaves: Sequence[jax.Array]) -> list:
+  """One XLA dot per leaf (the partitioner sums sharded leaves' products)."""
+  return [leaf_gram(leaf, axes_lib.explicit_replicated(leaf))
+          for leaf in leaves]
+
+
+def xla_gram(*leaves: jax.Array) -> jax.Array:
+  """The Gram of one device's leaves by XLA's dots alone (no kernel)."""
+  return total(_xla_grams(leaves))
 
 
 def gram_of_leaves(leaves: Sequence[jax.Array],
@@ -111,9 +113,9 @@ def gram_of_leaves(leaves: Sequence[jax.Array],
                              for x in leaves) and gram_kernel.enabled()):
     # platform_dependent picks the branch for the device the computation
     # lands on (a jit may target the CPU on a GPU host).
-    return jax.lax.platform_dependent(*leaves, cuda=_on_gpu, default=_on_xla)
-  grams = [leaf_gram(leaf, axes_lib.explicit_replicated(leaf))
-           for leaf in leaves]
+    return jax.lax.platform_dependent(*leaves, cuda=_on_gpu,
+                                      default=xla_gram)
+  grams = _xla_grams(leaves)
   if not param_axes:
     return total(grams)
   over = set(param_axes)

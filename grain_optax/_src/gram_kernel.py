@@ -30,7 +30,6 @@ check fails (Pallas' GPU backends change between JAX releases) XLA is used,
 with a warning. ``GRAIN_OPTAX_GRAM_BACKEND=xla`` turns the kernel off.
 """
 
-import concurrent.futures
 import functools
 import os
 import warnings
@@ -39,6 +38,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from grain_optax._src import kernel_probe
 
 ENVIRONMENT_VARIABLE = 'GRAIN_OPTAX_GRAM_BACKEND'
 
@@ -220,32 +221,14 @@ def probe(interpret: bool = False) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _usable() -> bool:
-  """Whether the kernel compiles, runs and is right on this GPU (once)."""
-  try:
-    # A worker thread: this runs while a step is being traced, and tracing
-    # contexts are per thread, so the probe runs eagerly there.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      pool.submit(probe).result()
-    return True
-  except Exception as e:  # pylint: disable=broad-except
-    warnings.warn(
-        'grain_optax: the Gram matrix\'s Pallas GPU kernel is unavailable on '
-        f'this JAX ({jax.__version__}): {type(e).__name__}: {e}. XLA computes '
-        'the Gram instead (the same matrix, more slowly).', RuntimeWarning,
-        stacklevel=2)
-    return False
-
-
-@functools.lru_cache(maxsize=None)
-def _one_gpu() -> bool:
-  try:
-    return jax.device_count() == 1 and bool(jax.devices('gpu'))
-  except RuntimeError:
-    return False
+def _one_device() -> bool:
+  return jax.device_count() == 1
 
 
 def enabled() -> bool:
   """Whether Gram matrices traced now may use the kernel (see module doc)."""
-  return (backend_from_environment() == 'auto' and _one_gpu()
-          and _usable())
+  return (backend_from_environment() == 'auto' and _one_device()
+          and kernel_probe.gpu_present()
+          and kernel_probe.passes(
+              probe, "the Gram matrix's Pallas GPU kernel",
+              'XLA computes the Gram instead (the same matrix, more slowly).'))

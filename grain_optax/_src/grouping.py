@@ -172,29 +172,26 @@ def group_value_and_grad(
   value_and_grad = jax.value_and_grad(loss_fn, argnums=argnums,
                                       has_aux=has_aux)
 
+  def with_diff(args, leaves, treedef):
+    """``args`` (a list) with the differentiated ones rebuilt from leaves."""
+    return with_batches(args, diff_args,
+                        jax.tree_util.tree_unflatten(treedef, leaves))
+
   def narrowed_args(args, kwargs, groups):
     """``args`` with each losslessly narrowable leaf cast (see grad_dtype)."""
-    diff = tuple(args[i] for i in diff_args)
-    leaves, treedef = jax.tree_util.tree_flatten(diff)
+    leaves, treedef = jax.tree_util.tree_flatten(
+        tuple(args[i] for i in diff_args))
 
     def loss_of(new_leaves):
       def one(group_batches):
-        full = with_batches(args, batch_idx, group_batches)
-        for i, x in zip(diff_args,
-                        jax.tree_util.tree_unflatten(treedef, new_leaves)):
-          full[i] = x
+        full = with_diff(with_batches(args, batch_idx, group_batches),
+                         new_leaves, treedef)
         out = loss_fn(*full, **kwargs)
         return out[0] if has_aux else out
       return jax.vmap(one)(groups)
 
     narrow = backward_dtype.narrowed(loss_of, leaves)
-    if narrow is None:
-      return args
-    new = jax.tree_util.tree_unflatten(treedef, narrow)
-    out = list(args)
-    for i, x in zip(diff_args, new):
-      out[i] = x
-    return tuple(out)
+    return args if narrow is None else tuple(with_diff(args, narrow, treedef))
 
   def wrapped(*args, **kwargs):
     validation.enough_positional(batch_idx, batch_argnums, args,
