@@ -141,7 +141,7 @@ def adamw():
 
 
 def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
-              grad_dtype: str = 'backward'):
+              grad_dtype: str = 'backward', group_exec: str = 'vmap'):
   """``(step, tx)``: a jitted ``step(params, opt_state, batch)`` and its tx.
 
   ``step`` returns ``(params, opt_state, loss)`` with params and optimizer
@@ -151,6 +151,16 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
   :func:`compile_step`); a suffix ``'@params'`` takes the per-group
   gradients in the params' dtype (``grad_dtype='params'``).
   """
+  if '~' in kind:
+    # Experimental: how the per-group gradients are executed. '~map' runs the
+    # groups one at a time (group_value_and_grad's chunk_size=1, a lax.map);
+    # '~unroll' takes each group's gradient as a separate backward pass in
+    # the same program (a Python loop) and stacks them; '~inner' vmaps over
+    # interleaved groups (axis 1 of a [B/m, m] view of the batch); '~nosplit'
+    # is the default without split_sums (each per-group sum in one stage).
+    base, how = kind.split('~')
+    return make_step(base, loss_fn, m, solver=solver, grad_dtype=grad_dtype,
+                     group_exec=how)
   if kind.endswith('@params'):
     # The per-group gradients in the params' dtype (float32), as before
     # grad_dtype='backward' became the default.
@@ -171,8 +181,7 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
       return optax.apply_updates(params, updates), opt_state, loss
   elif kind == 'grain':
     tx = optax.chain(grain_optax.grain(num_groups=m, solver=solver), adamw())
-    grad_fn = grain_optax.group_value_and_grad(loss_fn, m,
-                                               grad_dtype=grad_dtype)
+    grad_fn = _group_grad_fn(loss_fn, m, grad_dtype, group_exec)
 
     def step(params, opt_state, batch):
       losses, grads = grad_fn(params, batch)
@@ -191,6 +200,36 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
   else:
     raise ValueError(f'unknown step kind {kind!r}')
   return _Jitted(jax.jit(step, donate_argnums=(0, 1))), tx
+
+
+def _group_grad_fn(loss_fn, m, grad_dtype, group_exec):
+  """Per-group ``(losses, grads)`` of ``loss_fn`` executed as ``group_exec``."""
+  if group_exec == 'vmap':
+    return grain_optax.group_value_and_grad(loss_fn, m, grad_dtype=grad_dtype)
+  if group_exec == 'nosplit':
+    return grain_optax.group_value_and_grad(loss_fn, m, grad_dtype=grad_dtype,
+                                            split_sums=False)
+  if group_exec == 'map':
+    return grain_optax.group_value_and_grad(loss_fn, m, grad_dtype=grad_dtype,
+                                            chunk_size=1)
+  one = grain_optax.group_value_and_grad(loss_fn, 1, grad_dtype=grad_dtype)
+  if group_exec == 'inner':
+    # Interleaved groups (example j in group j % m), vmapped over axis 1.
+    def inner_fn(params, batch):
+      inner = jax.tree_util.tree_map(
+          lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]), batch)
+      out = jax.vmap(one, in_axes=(None, 1))(params, inner)
+      return jax.tree_util.tree_map(lambda x: x[:, 0], out)
+    return inner_fn
+  if group_exec != 'unroll':
+    raise ValueError(f'unknown group execution {group_exec!r}')
+
+  def grad_fn(params, batch):
+    groups = grain_optax.split_into_groups(batch, m)
+    outs = [one(params, jax.tree_util.tree_map(lambda x, i=i: x[i], groups))
+            for i in range(m)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
+  return grad_fn
 
 
 class _Jitted:

@@ -49,6 +49,9 @@ def _parse(argv=None):
   p.add_argument('--gram_accuracy', type=int, nargs='*', default=[],
                  help='m values at which to compare the Gram variants with '
                  'the library Gram on real per-group gradients')
+  p.add_argument('--split_accuracy', type=int, nargs='*', default=[],
+                 help='m values at which to compare the per-group gradients '
+                 'and weights with split_sums on and off')
   p.add_argument('--gram_times', type=int, nargs='*', default=[],
                  help='time each experimental Gram variant alone at these m')
   p.add_argument('--gram_variants', nargs='*', default=None,
@@ -108,6 +111,36 @@ def gram_grouped(per_group, small=1 << 20):
   if tiny:
     big.append(jnp.concatenate(tiny, axis=1))
   return grain_optax.gram_matrix(big)
+
+
+def split_accuracy(loss_fn, params, batch, m):
+  """GRAIN's Gram and weights with ``split_sums`` on and off, on real grads.
+
+  Per-group gradients three ways: the default (two-stage sums), one-stage
+  sums (``split_sums=False``), and float32 gradients with one-stage sums
+  (``grad_dtype='params'``). Returns the largest weight difference and the
+  Gram difference (relative to max diag K) of the default against the
+  one-stage path, the KKT residual of the default's weights on the
+  one-stage Gram, and both paths' weight differences from the float32 one.
+  """
+  def gram_and_weights(**kw):
+    _, g = jax.jit(grain_optax.group_value_and_grad(loss_fn, m, **kw))(
+        params, batch)
+    k = jax.jit(grain_optax.gram_matrix)(g)
+    return k, grain_optax.min_norm_weights(k).weights
+
+  k2, w2 = gram_and_weights()
+  k1, w1 = gram_and_weights(split_sums=False)
+  k32, w32 = gram_and_weights(split_sums=False, grad_dtype='params')
+  scale = jnp.max(jnp.diagonal(k1))
+  return {
+      'weights_diff': float(jnp.max(jnp.abs(w2 - w1))),
+      'gram_rel_diff': float(jnp.max(jnp.abs(k2 - k1)) / scale),
+      'kkt_on_one_stage': float(grain_optax.kkt_residual(k1, w2)),
+      'weights_diff_vs_f32': float(jnp.max(jnp.abs(w2 - w32))),
+      'one_stage_weights_diff_vs_f32': float(jnp.max(jnp.abs(w1 - w32))),
+      'weights': [float(x) for x in w2],
+  }
 
 
 def pieces(loss_fn, params, batch, m, inner, reps, solver):
@@ -302,6 +335,17 @@ def main(argv=None):
         continue
       print(f"gram accuracy m={m} {name}: gram_err {v['gram_err']:.2e}, "
             f"KKT of its weights on the exact Gram {v['kkt_on_reference']:.2e}")
+
+  for m in args.split_accuracy:
+    rec = {'benchmark': 'split_accuracy', 'config': args.config, 'm': m,
+           **split_accuracy(loss_fn, params, batch, m),
+           'device': info['device'], 'jax': info['jax']}
+    print(_emit(rec, args.json), flush=True)
+    print(f"split_sums m={m}: weights max diff {rec['weights_diff']:.2e}, "
+          f"KKT on the one-stage Gram {rec['kkt_on_one_stage']:.2e}, "
+          f"Gram rel diff {rec['gram_rel_diff']:.2e}; vs float32 grads: "
+          f"weights {rec['weights_diff_vs_f32']:.2e} (one-stage "
+          f"{rec['one_stage_weights_diff_vs_f32']:.2e})")
 
   summary = {'benchmark': 'step_overhead_summary', 'config': args.config,
              'device': info['device'], 'jax': info['jax'],

@@ -1,0 +1,114 @@
+"""Device time of a bias gradient's reduction, whole batch vs per group.
+
+Issue 13's profile of the GPT step (benchmarks/RESULTS.md, section 1e) found
+most of GRAIN's remaining overhead in XLA's code for the per-group bias and
+LayerNorm gradients of the user's backward pass: under ``vmap`` a bias
+gradient is a reduction of ``[m, n, d]`` over ``n`` (kept ``[m, d]``), fused
+by XLA with the element-wise work that produces the residual stream's
+gradient. This script isolates that pattern on its own, with the shapes of
+the GPT (``N = 32 * 256`` tokens, ``d = 768``), and times, per call (device
+busy time from ``jax.profiler``):
+
+* ``mean``: ``out = a + (b * s)``, ``bias = sum(a, axis=0)`` over ``[N, d]``;
+* ``group``: the same on ``[m, N/m, d]``, ``bias = sum(a, axis=1)``;
+* ``group_split``: the per-group sum in two stages, ``[m, k, N/(m k), d]``
+  summed over axis 2 in float32, an optimization barrier, then over ``k``;
+* ``elementwise``: ``out`` alone, no reduction (what the bytes cost).
+
+    python benchmarks/group_reductions.py [--groups 4 8] [--json out.jsonl]
+
+Prints a table and one JSON line per row.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+
+import _gpt  # pylint: disable=g-import-not-at-top
+
+
+def _fns(m: int, split: int):
+  """The variants as ``f(a, b, s) -> (out, bias)``, inputs ``[N, d]``."""
+
+  def elementwise(a, b, s):
+    return a + (b.astype(jnp.float32) * s[:, None]).astype(a.dtype), None
+
+  def mean(a, b, s):
+    out, _ = elementwise(a, b, s)
+    return out, jnp.sum(a, axis=0, dtype=jnp.float32).astype(a.dtype)
+
+  def group(a, b, s):
+    out, _ = elementwise(a, b, s)
+    g = a.reshape(m, -1, a.shape[-1])
+    return out, jnp.sum(g, axis=1, dtype=jnp.float32).astype(a.dtype)
+
+  def group_split(a, b, s):
+    out, _ = elementwise(a, b, s)
+    g = a.reshape(m, split, -1, a.shape[-1])
+    part = jax.lax.optimization_barrier(jnp.sum(g, axis=2, dtype=jnp.float32))
+    return out, jnp.sum(part, axis=1).astype(a.dtype)
+
+  return {'elementwise': elementwise, 'mean': mean, 'group': group,
+          'group_split': group_split}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--tokens', type=int, default=32 * 256)
+  p.add_argument('--width', type=int, nargs='+', default=[768, 3072])
+  p.add_argument('--groups', type=int, nargs='+', default=[4, 8])
+  p.add_argument('--split', type=int, default=16,
+                 help='k, the first stage of group_split')
+  p.add_argument('--json', default=None)
+  args = p.parse_args(argv)
+  info = _gpt.device_info()
+  rows = []
+  for d in args.width:
+    ka, kb, ks = jax.random.split(jax.random.key(0), 3)
+    a = jax.random.normal(ka, (args.tokens, d), jnp.bfloat16)
+    b = jax.random.normal(kb, (args.tokens, d), jnp.bfloat16)
+    s = jax.random.normal(ks, (args.tokens,), jnp.float32)
+    for m in args.groups:
+      for name, fn in _fns(m, args.split).items():
+        if m != args.groups[0] and name in ('mean', 'elementwise'):
+          continue
+        f = jax.jit(fn)
+        ref = None if name in ('mean', 'elementwise') else jax.jit(
+            _fns(m, args.split)['group'])(a, b, s)[1]
+        out = f(a, b, s)
+        if ref is not None:
+          err = float(jnp.max(jnp.abs(out[1].astype(jnp.float32)
+                                      - ref.astype(jnp.float32))))
+        else:
+          err = 0.0
+        prof = _gpt.profile_device(lambda f=f: f(a, b, s), steps=20)
+        us = prof.get('busy_ms', float('nan')) * 1e3
+        nbytes = 3 * a.size * a.dtype.itemsize  # read a, b; write out
+        rec = {'benchmark': 'group_reductions', 'variant': name,
+               'm': 1 if name in ('mean', 'elementwise') else m,
+               'tokens': args.tokens, 'width': d, 'us': us,
+               'GB_per_s': nbytes / (us * 1e-6) / 1e9 if us == us else None,
+               'kernels': prof.get('kernels'), 'max_abs_diff_vs_group': err,
+               'device': info['device'], 'jax': info['jax']}
+        rows.append(rec)
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if args.json:
+          with open(args.json, 'a') as fh:
+            fh.write(line + '\n')
+  _gpt.print_table(
+      [{'width': r['width'], 'variant': r['variant'], 'm': r['m'],
+        'us': r['us'], 'GB/s': r['GB_per_s'], 'kernels': r['kernels']}
+       for r in rows],
+      ['width', 'variant', 'm', 'us', 'GB/s', 'kernels'],
+      title=f'Bias-gradient reduction, {info["device"]}, jax {info["jax"]}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,127 @@
+"""Per-group sums over examples as two reductions (faster on a GPU).
+
+Under ``vmap`` over groups, the gradient of a bias (and of a LayerNorm
+scale or bias) is a sum of ``[m, n, ..., d]`` over the examples and tokens of
+each group, keeping the group axis and the features. XLA's GPU code for such
+a batched column reduction runs at a fraction of the memory bandwidth, about
+4x slower than the same sum over the whole batch; on the GPT of
+``benchmarks/_gpt.py`` at m = 4 it cost more than half of GRAIN's step-time
+overhead (``benchmarks/RESULTS.md``, section 1e).
+
+:func:`split_leading_sums` rewrites a function's jaxpr so that each such sum
+runs in two stages: ``PARTS`` partial sums in float32 (fused by XLA with the
+element-wise work that produces their input, as before), an optimization
+barrier, then the sum of the partials. The result is the same sum, with
+float32 accumulation in place of whatever the reduction's own dtype gave.
+"""
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+from jax import lax
+import jax.extend as jex
+import jax.numpy as jnp
+
+# The reduced size is split into PARTS x (size / PARTS). Sums shorter than
+# PARTS * MIN_PART, or keeping fewer than MIN_KEPT values, are left alone.
+PARTS = 16
+MIN_PART = 64
+MIN_KEPT = 64
+
+_INLINED_CALLS = ('jit', 'pjit')
+
+
+def _leading_sum(eqn) -> int:
+  """How many leading axes ``eqn`` sums, if it is a sum to split, else 0."""
+  if eqn.primitive is not lax.reduce_sum_p:
+    return 0
+  if eqn.params.get('out_sharding') is not None:
+    return 0
+  aval = eqn.invars[0].aval
+  if not jnp.issubdtype(aval.dtype, jnp.floating):
+    return 0
+  axes = tuple(sorted(eqn.params['axes']))
+  lead = len(axes)
+  if axes != tuple(range(lead)) or lead >= len(aval.shape):
+    return 0
+  reduced = math.prod(aval.shape[:lead])
+  kept = math.prod(aval.shape[lead:])
+  if reduced % PARTS or reduced // PARTS < MIN_PART or kept < MIN_KEPT:
+    return 0
+  return lead
+
+
+def _two_stage_sum(x, lead: int):
+  """``x`` summed over its ``lead`` leading axes, in two stages."""
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  reduced = math.prod(x.shape[:lead])
+  parts = x.reshape((PARTS, reduced // PARTS) + x.shape[lead:])
+  partial = lax.optimization_barrier(jnp.sum(parts.astype(acc), axis=1))
+  return jnp.sum(partial, axis=0).astype(x.dtype)
+
+
+def _inlinable(eqn) -> bool:
+  """A nested jit with no shardings, which can run inline."""
+  if eqn.primitive.name not in _INLINED_CALLS:
+    return False
+  closed = eqn.params.get('jaxpr')
+  if not isinstance(closed, jex.core.ClosedJaxpr):
+    return False
+  shardings = (tuple(eqn.params.get('in_shardings', ()))
+               + tuple(eqn.params.get('out_shardings', ())))
+  return all(type(s).__name__ == 'UnspecifiedValue' for s in shardings)
+
+
+def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
+  """Evaluates ``jaxpr`` with the leading sums split (see module doc)."""
+  env = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    lead = _leading_sum(eqn)
+    if lead:
+      outs = [_two_stage_sum(invals[0], lead)]
+    elif _inlinable(eqn):
+      closed = eqn.params['jaxpr']
+      outs = _eval(closed.jaxpr, closed.consts, invals)
+    else:
+      bind = eqn.primitive.get_bind_params(eqn.params)
+      # JAX releases before 0.5 return (subfuns, params), later ones params.
+      subfuns, params = bind if isinstance(bind, tuple) else ((), bind)
+      with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+      outs = out if eqn.primitive.multiple_results else [out]
+    env.update(zip(eqn.outvars, outs))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def split_leading_sums(fun: Callable[..., Any]) -> Callable[..., Any]:
+  """``fun`` with its sums over leading axes in two stages.
+
+  A sum (``lax.reduce_sum``) of a float array over its leading axes, of at
+  least ``PARTS * MIN_PART`` elements per kept value and keeping at least
+  ``MIN_KEPT`` values, at the top level of ``fun``'s jaxpr or inside a nested
+  ``jax.jit`` without shardings, becomes ``PARTS`` float32 partial sums, an
+  optimization barrier and their sum. Everything else (``custom_vjp``,
+  ``jax.checkpoint``, control flow and their bodies) is bound unchanged.
+
+  Args:
+    fun: a function of arrays (pytrees) to arrays (pytrees).
+
+  Returns:
+    A function with the signature and results of ``fun``.
+  """
+
+  def wrapped(*args):
+    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
+    outs = _eval(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(out_shape), outs)
+
+  return wrapped
