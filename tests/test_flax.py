@@ -312,3 +312,33 @@ def test_example_trains_digits_in_reduced_mode(name, capsys):
   assert re.search(r'optimizer steps: 60 ', out.out), out.out
   assert 'identical: True' in out.out, out.out
   assert 'batch' in out.err  # the tqdm progress bar
+
+
+def test_nnx_split_sums_gives_the_one_stage_gradients():
+  # 4 groups of 1024 examples: each group's bias sums run in two stages.
+  class Wide(nnx.Module):
+
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(5, 96, rngs=rngs)
+      self.drop = nnx.Dropout(0.1, rngs=rngs)
+      self.l2 = nnx.Linear(96, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(self.drop(jax.nn.tanh(self.l1(x))))
+
+  batch = make_batch(3, size=4096)
+  grads = {}
+  for split in (True, False):
+    model = Wide(nnx.Rngs(0))
+    fn = nnx.jit(grain_optax.nnx_group_value_and_grad(loss_fn, M,
+                                                      split_sums=split))
+    losses, g = fn(model, batch)
+    grads[split] = (losses, g, int(model.drop.rngs.count[...]))
+  np.testing.assert_array_equal(grads[True][0], grads[False][0])
+  assert grads[True][2] == grads[False][2] == 1  # the RNG stream advanced
+  chex.assert_trees_all_close(grads[True][1], grads[False][1], rtol=1e-5,
+                              atol=1e-7)
+  graphdef, state = nnx.split(Wide(nnx.Rngs(0)))
+  fn = grain_optax.nnx_group_value_and_grad(loss_fn, M)
+  jaxpr = jax.make_jaxpr(lambda s: fn(nnx.merge(graphdef, s), batch))(state)
+  assert 'optimization_barrier' in str(jaxpr)

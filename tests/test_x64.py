@@ -79,6 +79,17 @@ def check_grain(dtype, num_groups):
                                atol=1e-5)
 
 
+def check_split_sums(dtype):
+  # Per-group bias sums large enough to run in two stages (split_sums).
+  x = jnp.ones((4096, 64), dtype) / 3
+  loss = lambda b, x: jnp.mean(jnp.sum((x + b) ** 2, axis=1))
+  grad_fn = jax.jit(grain_optax.group_value_and_grad(loss, 2))
+  losses, grads = grad_fn(jnp.zeros(64, dtype), x)
+  assert grads.dtype == losses.dtype == dtype
+  np.testing.assert_allclose(np.asarray(grads), np.full((2, 64), 2 / 3),
+                             rtol=1e-14 if dtype == 'float64' else 1e-6)
+
+
 def check_inject_hyperparams(dtype):
   params = {'w': jnp.zeros(2, dtype)}
   tx = optax.chain(
@@ -173,6 +184,8 @@ CHECKS = {
     'inject_hyperparams[float32]': (check_inject_hyperparams, ('float32',)),
     'lean[float32]': (check_lean, ('float32', False)),
     'lean[float64-non_finite-chunked]': (check_lean, ('float64', True)),
+    'split_sums[float32]': (check_split_sums, ('float32',)),
+    'split_sums[float64]': (check_split_sums, ('float64',)),
     'sharded[float32]': (check_sharded, ('float32',)),
     'sharded[float64]': (check_sharded, ('float64',)),
     'readme_quick_start': (check_readme_quick_start, ()),

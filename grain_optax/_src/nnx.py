@@ -10,6 +10,7 @@ import jax
 
 from grain_optax._src import backward_dtype
 from grain_optax._src import grouping
+from grain_optax._src import reductions
 from grain_optax._src import validation
 
 
@@ -21,6 +22,7 @@ def nnx_group_value_and_grad(
     has_aux: bool = False,
     example_mask: Optional[Callable[[Any], Any]] = None,
     grad_dtype: str = 'backward',
+    split_sums: bool = True,
 ) -> Callable[..., Any]:
   r"""Per-group losses and gradients of a Flax NNX module, for :func:`grain`.
 
@@ -66,6 +68,10 @@ def nnx_group_value_and_grad(
       gradients in that dtype, which loses nothing (see
       :func:`group_value_and_grad`); ``'params'``: every gradient in its
       variable's dtype.
+    split_sums: with ``num_groups > 1`` (default True), large per-group
+      sums over the leading axes (bias and LayerNorm gradients) run as
+      float32 partial sums and their sum, which XLA runs several times
+      faster on a GPU (see :func:`group_value_and_grad`).
 
   Returns:
     A function ``(model, batch, *args) -> (losses, grads)`` or
@@ -143,7 +149,17 @@ def nnx_group_value_and_grad(
     @nnx.split_rngs(splits=num_groups)
     @nnx.vmap(in_axes=(module_axes, 0) + (None,) * len(args), out_axes=0)
     def per_group(model, group, *args):
-      return grad_fn(model, group, *args)
+      if not (split_sums and num_groups > 1):
+        return grad_fn(model, group, *args)
+      graphdef, state = nnx.split(model)
+
+      def pure(state, group, *args):
+        inner = nnx.merge(graphdef, state)
+        return grad_fn(inner, group, *args), nnx.state(inner)
+
+      out, new_state = reductions.split_leading_sums(pure)(state, group, *args)
+      nnx.update(model, new_state)
+      return out
 
     try:
       out = per_group(model if copy is None else copy, groups, *args)

@@ -1,0 +1,147 @@
+"""Two-stage per-group sums (``split_sums`` of group_value_and_grad)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grain_optax
+from grain_optax._src import reductions
+
+# Large enough that each group's bias sum is split: 4 groups x 1024 rows.
+N, D_IN, D_OUT, M = 4096, 32, 96, 4
+
+
+def _data(dtype=jnp.float32):
+  kx, ky, kw, kb = jax.random.split(jax.random.key(0), 4)
+  params = {'w': 0.1 * jax.random.normal(kw, (D_IN, D_OUT)),
+            'b': 0.1 * jax.random.normal(kb, (D_OUT,))}
+  batch = {'x': jax.random.normal(kx, (N, D_IN)).astype(dtype),
+           'y': jax.random.normal(ky, (N, D_OUT)).astype(dtype)}
+  return params, batch
+
+
+def _dense_loss(params, batch, dtype=jnp.float32):
+  """A dense layer with a bias in ``dtype``; the bias gradient is a sum."""
+  w, b = params['w'].astype(dtype), params['b'].astype(dtype)
+  out = batch['x'] @ w + b
+  return jnp.mean(jnp.square(out.astype(jnp.float32) - batch['y']))
+
+
+def _barriers(fun, *args):
+  return str(jax.make_jaxpr(fun)(*args)).count('optimization_barrier')
+
+
+def test_split_sum_equals_one_stage_sum_and_applies():
+  x = jax.random.normal(jax.random.key(1), (8, 256, 128), jnp.float32)
+  fun = lambda x: (jnp.sum(x, axis=(0, 1)), jnp.sum(x, axis=2))
+  split = reductions.split_leading_sums(fun)
+  np.testing.assert_allclose(split(x)[0], fun(x)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(split(x)[1], fun(x)[1])
+  # The leading sum is split; the sum over the last axis (a row sum) is not.
+  assert _barriers(split, x) == 1
+  assert _barriers(fun, x) == 0
+
+
+@pytest.mark.parametrize('shape,axes', [
+    ((512, 128), (0,)),        # too few elements per kept value
+    ((4096, 8), (0,)),         # too few kept values
+    ((4096, 128), (1,)),       # not a leading axis
+    ((4096, 128), (0, 1)),     # nothing kept
+])
+def test_small_or_other_sums_are_left_alone(shape, axes):
+  x = jnp.ones(shape)
+  fun = lambda x: jnp.sum(x, axis=axes)
+  assert _barriers(reductions.split_leading_sums(fun), x) == 0
+
+
+def test_integer_sums_are_left_alone():
+  x = jnp.ones((4096, 128), jnp.int32)
+  fun = lambda x: jnp.sum(x, axis=0)
+  split = reductions.split_leading_sums(fun)
+  assert _barriers(split, x) == 0
+  np.testing.assert_array_equal(split(x), fun(x))
+
+
+def test_bf16_sum_is_accumulated_in_float32():
+  # 4096 ones plus one small value each: a bf16 running sum would lose them.
+  x = jnp.full((4096, 128), 1.0, jnp.bfloat16)
+  x = x.at[:, 0].set(jnp.bfloat16(1.0 + 2 ** -7))
+  exact = np.sum(np.asarray(x, np.float64), axis=0)
+  got = reductions.split_leading_sums(
+      lambda x: jax.lax.reduce_sum_p.bind(x, axes=(0,), out_sharding=None))(x)
+  assert got.dtype == jnp.bfloat16
+  # Within half a bf16 ulp of the exact sum: one rounding, at the end.
+  ulp = np.spacing(np.float32(exact), dtype=np.float32) * 2 ** 16
+  assert np.all(np.abs(np.asarray(got, np.float64) - exact) <= ulp)
+
+
+def test_nested_jit_is_split_and_checkpoint_custom_vjp_scan_run_unchanged():
+  @jax.custom_vjp
+  def double(x):
+    return 2 * x
+
+  double.defvjp(lambda x: (2 * x, None), lambda _, g: (2 * g,))
+
+  @jax.jit
+  def inner(x):
+    return jnp.sum(x, axis=0)
+
+  def fun(x):
+    a = inner(x)
+    b = jax.checkpoint(lambda x: jnp.sum(jnp.sin(x), axis=0))(x)
+    c = jax.lax.scan(lambda c, r: (c + r, None), jnp.zeros(x.shape[1]), x)[0]
+    return a + b + c + double(x[0])
+
+  x = jax.random.normal(jax.random.key(2), (2048, 64))
+  split = reductions.split_leading_sums(fun)
+  np.testing.assert_allclose(split(x), fun(x), rtol=2e-5, atol=2e-4)
+  np.testing.assert_allclose(jax.jit(split)(x), fun(x), rtol=2e-5, atol=2e-4)
+  assert _barriers(split, x) == 1  # only the nested jit's sum
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_group_gradients_with_and_without_split_sums_agree(dtype):
+  params, batch = _data(dtype)
+  loss = functools.partial(_dense_loss, dtype=dtype)
+  groups = grain_optax.split_into_groups(batch, M)
+  l1, g1 = jax.jit(grain_optax.group_value_and_grad(loss, M))(params, batch)
+  l0, g0 = jax.jit(grain_optax.group_value_and_grad(
+      loss, M, split_sums=False))(params, batch)
+  np.testing.assert_array_equal(l1, l0)
+  if dtype == jnp.float32:
+    # Per group, the bias gradient against a float64 sum of the cotangents.
+    for i in range(M):
+      out = groups['x'][i] @ params['w'] + params['b']
+      dout = np.asarray(2 * (out - groups['y'][i]) / out.size, np.float64)
+      np.testing.assert_allclose(np.asarray(g1['b'][i], np.float64),
+                                 dout.sum(axis=0), rtol=1e-5, atol=1e-9)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+    tol = 1e-6 if dtype == jnp.float32 else 2 ** -6
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(b, np.float32), atol=tol * scale)
+
+
+def test_split_sums_is_used_for_groups_and_off_on_request():
+  params, batch = _data()
+  on = grain_optax.group_value_and_grad(_dense_loss, M)
+  off = grain_optax.group_value_and_grad(_dense_loss, M, split_sums=False)
+  one = grain_optax.group_value_and_grad(_dense_loss, 1)
+  assert _barriers(on, params, batch) >= 1
+  assert _barriers(off, params, batch) == 0
+  assert _barriers(one, params, batch) == 0  # one group: a plain backward
+
+
+def test_grain_weights_with_split_sums_solve_the_one_stage_gram():
+  params, batch = _data(jnp.bfloat16)
+  loss = functools.partial(_dense_loss, dtype=jnp.bfloat16)
+  _, g1 = jax.jit(grain_optax.group_value_and_grad(loss, M))(params, batch)
+  _, g0 = jax.jit(grain_optax.group_value_and_grad(
+      loss, M, split_sums=False))(params, batch)
+  k0 = grain_optax.gram_matrix(g0)
+  w1 = grain_optax.min_norm_weights(grain_optax.gram_matrix(g1)).weights
+  assert float(grain_optax.kkt_residual(k0, w1)) < 1e-3
