@@ -78,7 +78,7 @@ def test_bf16_sum_is_accumulated_in_float32():
   assert np.all(np.abs(np.asarray(got, np.float64) - exact) <= ulp)
 
 
-def test_nested_jit_is_split_and_checkpoint_custom_vjp_scan_run_unchanged():
+def test_nested_jit_and_checkpoint_are_split_custom_vjp_scan_run_unchanged():
   @jax.custom_vjp
   def double(x):
     return 2 * x
@@ -99,7 +99,8 @@ def test_nested_jit_is_split_and_checkpoint_custom_vjp_scan_run_unchanged():
   split = reductions.split_leading_sums(fun)
   np.testing.assert_allclose(split(x), fun(x), rtol=2e-5, atol=2e-4)
   np.testing.assert_allclose(jax.jit(split)(x), fun(x), rtol=2e-5, atol=2e-4)
-  assert _barriers(split, x) == 1  # only the nested jit's sum
+  # The nested jit's and the checkpoint's sums; the scan's body has none.
+  assert _barriers(split, x) == 2
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -145,3 +146,29 @@ def test_grain_weights_with_split_sums_solve_the_one_stage_gram():
   k0 = grain_optax.gram_matrix(g0)
   w1 = grain_optax.min_norm_weights(grain_optax.gram_matrix(g1)).weights
   assert float(grain_optax.kkt_residual(k0, w1)) < 1e-3
+
+
+def test_layers_scanned_over_have_their_sums_split():
+  # Biases of layers under lax.scan (and jax.checkpoint): their per-group
+  # gradients are sums inside the backward scan's body.
+  def layer(h, w):
+    return jnp.tanh(h @ w['k'] + w['b'])
+
+  def loss(params, batch):
+    body = lambda h, w: (jax.checkpoint(layer)(h, w), None)
+    h, _ = jax.lax.scan(body, batch['x'], params)
+    return jnp.mean(jnp.square(h - batch['y']))
+
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  params = {'k': 0.2 * jax.random.normal(k1, (3, 64, 64)),
+            'b': 0.1 * jax.random.normal(k2, (3, 64))}
+  batch = {'x': jax.random.normal(k3, (N, 64)), 'y': jnp.zeros((N, 64))}
+  on = grain_optax.group_value_and_grad(loss, M)
+  off = grain_optax.group_value_and_grad(loss, M, split_sums=False)
+  assert _barriers(on, params, batch) >= 1
+  (l1, g1), (l0, g0) = jax.jit(on)(params, batch), jax.jit(off)(params, batch)
+  np.testing.assert_array_equal(l1, l0)
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-8)
+  close(g1['b'], g0['b'])
+  close(g1['k'], g0['k'])

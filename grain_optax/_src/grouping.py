@@ -131,9 +131,10 @@ def group_value_and_grad(
       per-group sum is about 4x slower than for the whole batch's (on the
       GPT of the benchmarks it took GRAIN's step from x1.02 to x1.10 of the
       mean's at m = 4). Sums of at least 1024 elements per group that keep
-      at least 64 values are split, at the loss's top level and inside
-      nested ``jax.jit``; those inside ``jax.checkpoint``, ``custom_vjp``
-      or control flow are left as they are. The gradients are the same up
+      at least 64 values are split, at the loss's top level, inside nested
+      ``jax.jit`` and in the bodies of ``lax.scan`` (layers scanned over)
+      and ``jax.checkpoint``; those inside ``custom_vjp``, ``cond`` or
+      ``while_loop`` are left as they are. The gradients are the same up
       to float rounding (float32 accumulation); ``False`` runs the backward
       pass exactly as JAX traces it.
 

@@ -13,6 +13,8 @@ runs in two stages: ``PARTS`` partial sums in float32 (fused by XLA with the
 element-wise work that produces their input, as before), an optimization
 barrier, then the sum of the partials. The result is the same sum, with
 float32 accumulation in place of whatever the reduction's own dtype gave.
+Sums in the body of a ``lax.scan`` (layers scanned over) or a
+``jax.checkpoint`` are rewritten too, where the body's types stay the same.
 """
 
 import math
@@ -73,6 +75,51 @@ def _inlinable(eqn) -> bool:
   return all(type(s).__name__ == 'UnspecifiedValue' for s in shardings)
 
 
+def _has_split(jaxpr) -> bool:
+  """Whether ``_eval`` would split a sum of ``jaxpr`` (or of a body in it)."""
+  for eqn in jaxpr.eqns:
+    if _leading_sum(eqn):
+      return True
+    sub = _body(eqn)
+    if sub is not None and _has_split(sub[0]):
+      return True
+  return False
+
+
+def _body(eqn):
+  """``(jaxpr, consts)`` of a body ``_eval`` rewrites, or None.
+
+  Nested ``jax.jit`` (inlined), ``lax.scan`` and ``jax.checkpoint`` bodies.
+  """
+  prims = jex.core.primitives
+  if _inlinable(eqn) or eqn.primitive is prims.scan_p:
+    closed = eqn.params['jaxpr']
+    return closed.jaxpr, closed.consts
+  if eqn.primitive is prims.remat_p and not eqn.params['jaxpr'].constvars:
+    return eqn.params['jaxpr'], ()
+  return None
+
+
+def _rewritten_body(jaxpr, consts):
+  """``jaxpr`` with its sums split, as a ClosedJaxpr of the same type.
+
+  None where its types would change (then the body is bound unchanged).
+  """
+  avals = [v.aval for v in jaxpr.invars]
+  if not all(hasattr(a, 'shape') and hasattr(a, 'dtype') for a in avals):
+    return None
+  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                weak_type=getattr(a, 'weak_type', False))
+           for a in avals]
+  new = jax.make_jaxpr(lambda *a: _eval(jaxpr, consts, a))(*specs)
+  same = ([v.aval for v in new.jaxpr.invars] == avals and
+          [v.aval for v in new.jaxpr.outvars]
+          == [v.aval for v in jaxpr.outvars])
+  if not same or len(new.consts) != len(consts):
+    return None
+  return new
+
+
 def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
   """Evaluates ``jaxpr`` with the leading sums split (see module doc)."""
   env = {}
@@ -91,7 +138,14 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
       closed = eqn.params['jaxpr']
       outs = _eval(closed.jaxpr, closed.consts, invals)
     else:
-      bind = eqn.primitive.get_bind_params(eqn.params)
+      params = dict(eqn.params)
+      body = _body(eqn)
+      if body is not None and _has_split(body[0]):
+        new = _rewritten_body(*body)
+        if new is not None:
+          is_remat = eqn.primitive is jex.core.primitives.remat_p
+          params['jaxpr'] = new.jaxpr if is_remat else new
+      bind = eqn.primitive.get_bind_params(params)
       # JAX releases before 0.5 return (subfuns, params), later ones params.
       subfuns, params = bind if isinstance(bind, tuple) else ((), bind)
       with eqn.ctx.manager:
@@ -106,10 +160,11 @@ def split_leading_sums(fun: Callable[..., Any]) -> Callable[..., Any]:
 
   A sum (``lax.reduce_sum``) of a float array over its leading axes, of at
   least ``PARTS * MIN_PART`` elements per kept value and keeping at least
-  ``MIN_KEPT`` values, at the top level of ``fun``'s jaxpr or inside a nested
-  ``jax.jit`` without shardings, becomes ``PARTS`` float32 partial sums, an
+  ``MIN_KEPT`` values, at the top level of ``fun``'s jaxpr, inside a nested
+  ``jax.jit`` without shardings, or in the body of a ``lax.scan`` or
+  ``jax.checkpoint``, becomes ``PARTS`` float32 partial sums, an
   optimization barrier and their sum. Everything else (``custom_vjp``,
-  ``jax.checkpoint``, control flow and their bodies) is bound unchanged.
+  ``cond``, ``while_loop`` and their bodies) is bound unchanged.
 
   Args:
     fun: a function of arrays (pytrees) to arrays (pytrees).
