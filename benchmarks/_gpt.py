@@ -52,12 +52,15 @@ class Config:
   heads: int = 12
   batch: int = 32
   dtype: str = 'bfloat16'
+  scan: bool = False  # the blocks' params stacked, lax.scan over layers
 
 
 FULL = Config()
 TINY = Config(vocab=128, seq=16, d_model=32, layers=2, heads=2, batch=16,
               dtype='float32')
-CONFIGS = {'full': FULL, 'tiny': TINY}
+CONFIGS = {'full': FULL, 'tiny': TINY,
+           'full_scan': dataclasses.replace(FULL, scan=True),
+           'tiny_scan': dataclasses.replace(TINY, scan=True)}
 
 
 class Block(nnx.Module):
@@ -111,6 +114,8 @@ def build(cfg: Config, seed: int = 0) -> Tuple[Callable[..., Any], Any]:
   ``loss_fn(params, batch)`` is the mean next-token cross-entropy (float32)
   over the tokens of ``batch = {'tokens': int32[B, seq + 1]}``.
   """
+  if cfg.scan:
+    return _build_scanned(cfg, seed)
   model = GPT(cfg, nnx.Rngs(seed))
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
@@ -123,6 +128,43 @@ def build(cfg: Config, seed: int = 0) -> Tuple[Callable[..., Any], Any]:
     logits = model(tokens[:, :-1]).astype(jnp.float32)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
         logits, tokens[:, 1:]))
+
+  return loss_fn, params
+
+
+def _build_scanned(cfg: Config, seed: int):
+  """``build`` with the blocks' params stacked ``[layers, ...]`` and scanned.
+
+  The same model and initial values as the unscanned one (``params['blocks']``
+  is the stack of its blocks' params); the forward pass is a ``lax.scan``
+  over the layers, as models that scan their layers (``nnx.scan``) compile.
+  """
+  model = GPT(cfg, nnx.Rngs(seed))
+  block_def, block_state = nnx.split(model.blocks[0])
+  blocks = [nnx.to_pure_dict(nnx.state(b)) for b in model.blocks]
+  model.blocks = nnx.List([])
+  graphdef, state = nnx.split(model)
+  params = dict(nnx.to_pure_dict(state))
+  params['blocks'] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)
+
+  def loss_fn(params, batch):
+    st = jax.tree_util.tree_map(lambda x: x, state)
+    nnx.replace_by_pure_dict(
+        st, {k: v for k, v in params.items() if k != 'blocks'})
+    outer = nnx.merge(graphdef, st)
+    tokens = batch['tokens'][:, :-1]
+    x = outer.wte(tokens) + outer.wpe[...][: tokens.shape[1]].astype(
+        outer.dtype)
+
+    def layer(x, block_params):
+      bst = jax.tree_util.tree_map(lambda y: y, block_state)
+      nnx.replace_by_pure_dict(bst, block_params)
+      return nnx.merge(block_def, bst)(x), None
+
+    x, _ = jax.lax.scan(layer, x, params['blocks'])
+    logits = outer.wte.attend(outer.ln_f(x)).astype(jnp.float32)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch['tokens'][:, 1:]))
 
   return loss_fn, params
 
