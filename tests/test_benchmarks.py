@@ -29,6 +29,19 @@ def test_step_overhead_tiny(tmp_path):
   assert lines[-1]['benchmark'] == 'step_overhead_summary'
 
 
+def test_group_reductions_tiny(tmp_path):
+  rows = _module('group_reductions').main(
+      ['--tokens', '4096', '--width', '64', '--groups', '4', '--json',
+       str(tmp_path / 'gr.jsonl')])
+  assert [(r['variant'], r['m']) for r in rows] == [
+      ('elementwise', 1), ('mean', 1), ('group', 4), ('group_split', 4)]
+  for r in rows:
+    assert r['us'] > 0
+  # The two-stage sum is the one-stage sum (bf16 sums of 1024 normals: the
+  # values reach about 100, where a bf16 step is 0.5).
+  assert rows[-1]['max_abs_diff_vs_group'] <= 1.0
+
+
 def test_qp_solvers_tiny(tmp_path):
   rows = _module('qp_solvers').main(
       ['--config', 'tiny', '--sizes', '2', '4', '--grams', '1',
