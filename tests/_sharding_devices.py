@@ -194,6 +194,30 @@ def case_jit():
   out['train_err'] = max_err(p, ref_params)
   assert out['train_err'] < 1e-5, out['train_err']
   assert max_err(s[0].weights, ref_state[0].weights) < 1e-5
+
+  # Groups of 1024 rows: their bias sums run in two stages (split_sums), on
+  # the group axis sharded over Auto and Explicit mesh axes alike.
+  def dense_loss(params, batch):
+    return jnp.mean(jnp.square(batch['x'] @ params['w'] + params['b']
+                               - batch['y']))
+
+  rng = np.random.default_rng(5)
+  big = {'x': rng.normal(size=(D * 1024, 32)).astype(np.float32),
+         'y': rng.normal(size=(D * 1024, 96)).astype(np.float32)}
+  dense = {'w': 0.1 * np.ones((32, 96), np.float32),
+           'b': np.zeros(96, np.float32)}
+  _, ref = jax.jit(grain_optax.group_value_and_grad(
+      dense_loss, D, split_sums=False))(dense, big)
+  for axis_type in (AxisType.Auto, AxisType.Explicit):
+    mesh = jax.make_mesh((D,), ('data',), axis_types=(axis_type,))
+    grad_fn = grain_optax.group_value_and_grad(dense_loss, D)
+    with jax.set_mesh(mesh):
+      p = jax.device_put(dense, NamedSharding(mesh, P()))
+      b = jax.device_put(big, NamedSharding(mesh, P('data')))
+      assert 'optimization_barrier' in str(jax.make_jaxpr(grad_fn)(p, b))
+      _, grads = jax.jit(grad_fn)(p, b)
+    name = 'explicit' if axis_type == AxisType.Explicit else 'auto'
+    out[f'{name}_split_sums_err'] = max_err(grads, ref)
   return out
 
 

@@ -68,6 +68,9 @@ def test_jit_data_parallel_on_8_devices():
   assert r['bf16_k1'] <= BYTES_TOLERANCE, r
   assert r['bf16_k1_weights_err'] < 1e-5, r
   assert r['bf16_k1_rel_err'] < 2 ** -7, r
+  # Two-stage per-group sums (split_sums) with the group axis sharded.
+  assert r['auto_split_sums_err'] < 1e-5, r
+  assert r['explicit_split_sums_err'] < 1e-5, r
 
 
 def test_shard_map_data_parallel_on_8_devices():

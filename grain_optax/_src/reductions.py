@@ -47,6 +47,11 @@ def _leading_sum(eqn) -> int:
   lead = len(axes)
   if axes != tuple(range(lead)) or lead >= len(aval.shape):
     return 0
+  # An axis sharded in the array's type (Explicit mesh axes) is left alone:
+  # reshaping it would need an output sharding.
+  spec = getattr(getattr(aval, 'sharding', None), 'spec', None)
+  if spec is not None and any(s is not None for s in tuple(spec)[:lead]):
+    return 0
   reduced = math.prod(aval.shape[:lead])
   kept = math.prod(aval.shape[lead:])
   if reduced % PARTS or reduced // PARTS < MIN_PART or kept < MIN_KEPT:
@@ -164,7 +169,8 @@ def split_leading_sums(fun: Callable[..., Any]) -> Callable[..., Any]:
   ``jax.jit`` without shardings, or in the body of a ``lax.scan`` or
   ``jax.checkpoint``, becomes ``PARTS`` float32 partial sums, an
   optimization barrier and their sum. Everything else (``custom_vjp``,
-  ``cond``, ``while_loop`` and their bodies) is bound unchanged.
+  ``cond``, ``while_loop`` and their bodies) is bound unchanged, and so is a
+  sum over an axis sharded in its array's type (Explicit mesh axes).
 
   Args:
     fun: a function of arrays (pytrees) to arrays (pytrees).
