@@ -198,3 +198,28 @@ def test_accumulate_hands_nan_to_inner_when_a_whole_window_is_non_finite():
   assert int(state.inner_state.notfinite_count) == 1
   np.testing.assert_array_equal(u['w'], np.zeros(2))
   assert int(state.stats.num_nonfinite) == 2
+
+
+@pytest.mark.parametrize('m, p', [(16, 8), (64, 32), (256, 64)])
+def test_min_cosine_is_never_negative_near_degenerate_problems(m, p):
+  # More groups than dimensions: 0 is (nearly) in the hull, d is rounding
+  # noise, and its cosines must not be reported as a conflict (issue 26 N3:
+  # they went to -8e-3 before). The seeds include such cases for every shape.
+  tx = grain_optax.grain(num_groups=m)
+  update = jax.jit(lambda g: tx.update({'w': g}, tx.init(None))[1])
+  for seed in range(12):
+    g = np.random.default_rng(seed).normal(size=(m, p))
+    state = update(jnp.asarray(g, jnp.float32))
+    assert float(state.min_cosine) >= 0.0, (seed, float(state.min_cosine))
+    assert float(state.kkt_residual) < 1e-6
+
+
+def test_python_float_param_leaf_is_accepted_as_in_optax():
+  # docs/guides/solvers.md: a Python float leaf in params is accepted.
+  params = {'w': jnp.zeros(2), 'b': 0.0}
+  tx = optax.chain(grain_optax.grain(num_groups=2), optax.sgd(1.0))
+  per_group = {'w': jnp.ones((2, 2)), 'b': jnp.array([1.0, -3.0])}
+  updates, _ = tx.update(per_group, tx.init(params), params)
+  assert updates['b'].dtype == jnp.float32
+  np.testing.assert_allclose(updates['b'], 0.0, atol=1e-6)  # w = [.75, .25]
+  np.testing.assert_allclose(updates['w'], -1.0, atol=1e-6)

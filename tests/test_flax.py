@@ -164,6 +164,52 @@ def test_nnx_backward_dtype_narrows_bf16_layers_losslessly():
   assert model.l1.kernel[...].dtype == jnp.float32
 
 
+class _ReadsDtype(nnx.Module):
+  """A bf16-compute layer whose output goes back to its param's dtype."""
+
+  def __init__(self, rngs):
+    self.w = nnx.Param(
+        jax.random.normal(rngs.params(), (16, 10)).at[0, 0].set(1.0009765625))
+    self.drop = nnx.Dropout(0.25, rngs=rngs)
+
+  def __call__(self, x):
+    w = self.w[...]
+    h = (x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16)).astype(w.dtype)
+    return self.drop(h + (1.0 if w.dtype == jnp.float32 else 0.0))
+
+
+@pytest.mark.parametrize('with_aux', [False, True])
+def test_nnx_backward_dtype_keeps_losses_that_read_the_dtype(with_aux):
+  def loss_fn(model, batch):
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        model(batch['x']), batch['y']).mean()
+    return (loss, {'w': model.w[...]}) if with_aux else loss
+
+  rng = np.random.default_rng(0)
+  batch = {'x': jnp.asarray(rng.normal(size=(16, 16)) * 3, jnp.float32),
+           'y': jnp.asarray(rng.integers(0, 10, 16))}
+  out = {}
+  for grad_dtype in ('backward', 'params'):
+    model = _ReadsDtype(nnx.Rngs(0, dropout=1))
+    grad_fn = nnx.jit(grain_optax.nnx_group_value_and_grad(
+        loss_fn, 4, has_aux=with_aux, grad_dtype=grad_dtype))
+    first, _ = grad_fn(model, batch)
+    second, grads = grad_fn(model, batch)  # RNG streams have advanced.
+    out[grad_dtype] = (first, second, grads)
+  (first, second, grads), ref = out['backward'], out['params']
+  chex.assert_trees_all_equal(first, ref[0])
+  chex.assert_trees_all_equal(second, ref[1])
+  if with_aux:
+    assert grads['w'].dtype == jnp.float32       # returned in aux: kept
+    np.testing.assert_array_equal(second[1]['w'][:, 0, 0],
+                                  np.full(4, 1.0009765625))
+  else:
+    assert grads['w'].dtype == jnp.bfloat16
+  np.testing.assert_allclose(
+      np.asarray(grads['w'], np.float32), np.asarray(ref[2]['w']),
+      rtol=0 if jax.default_backend() == 'cpu' else 2 ** -7, atol=1e-7)
+
+
 def test_nnx_optimizer_step_is_grain_then_the_inner_optimizer():
   model = Net(nnx.Rngs(3))
   batch = make_batch(3)

@@ -174,3 +174,68 @@ def test_backward_dtype_gives_grain_the_float32_update():
 def test_bad_grad_dtype_is_rejected():
   with pytest.raises(ValueError, match="grad_dtype='bfloat16'"):
     grain_optax.group_value_and_grad(_mixed_loss, 4, grad_dtype='bfloat16')
+
+
+# The narrowing never changes what the loss computes (issue 26, N1): losses
+# that read a parameter's dtype, branch on it, or return it in aux.
+
+
+def _reads_dtype_loss(params, batch, aux=True):
+  bf = jnp.bfloat16
+  w = params['w']
+  logits = (batch['x'].astype(bf) @ w.astype(bf)).astype(w.dtype)
+  # A dtype-dependent constant and branch: float32 gives the larger bias.
+  logits = logits + (1.0 if w.dtype == jnp.float32 else 0.0)
+  logits = logits * jnp.finfo(w.dtype).eps / jnp.finfo(jnp.float32).eps
+  loss = optax.softmax_cross_entropy_with_integer_labels(
+      logits, batch['y']).mean()
+  if not aux:
+    return loss
+  return loss, {'w': w}
+
+
+def _reads_dtype_setup():
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(16, 10)), jnp.float32)
+  params = {'w': w.at[0, 0].set(1.0009765625)}   # not a bfloat16 number
+  batch = {'x': jnp.asarray(rng.normal(size=(64, 16)) * 3, jnp.float32),
+           'y': jnp.asarray(rng.integers(0, 10, 64))}
+  return params, batch
+
+
+@pytest.mark.parametrize('with_aux', [False, True])
+def test_backward_dtype_keeps_losses_that_read_the_dtype(with_aux):
+  params, batch = _reads_dtype_setup()
+  loss = (_reads_dtype_loss if with_aux
+          else lambda p, b: _reads_dtype_loss(p, b, aux=False))
+  fn = lambda gd: jax.jit(grain_optax.group_value_and_grad(
+      loss, 4, has_aux=with_aux, grad_dtype=gd))(params, batch)
+  out, grads = fn('backward')
+  ref_out, ref = fn('params')
+  losses, ref_losses = ((out[0], ref_out[0]) if with_aux else (out, ref_out))
+  assert losses.dtype == jnp.float32
+  np.testing.assert_array_equal(losses, ref_losses)
+  if with_aux:
+    # The parameter returned in aux keeps its value (and so is not narrowed).
+    aux, ref_aux = out[1], ref_out[1]
+    assert aux['w'].dtype == jnp.float32 and grads['w'].dtype == jnp.float32
+    np.testing.assert_array_equal(aux['w'][:, 0, 0], np.full(4, 1.0009765625))
+    np.testing.assert_array_equal(aux['w'], ref_aux['w'])
+  else:
+    assert grads['w'].dtype == jnp.bfloat16
+  exact = jax.default_backend() == 'cpu'
+  np.testing.assert_allclose(
+      np.asarray(grads['w'], np.float32), np.asarray(ref['w']),
+      rtol=0 if exact else 2 ** -7, atol=0 if exact else 1e-6)
+
+
+def test_backward_dtype_keeps_the_lean_mode_losses():
+  params, batch = _reads_dtype_setup()
+  loss = lambda p, b: _reads_dtype_loss(p, b, aux=False)
+  out = jax.jit(grain_optax.grain_value_and_grad(loss, 4))(params, batch)
+  ref = jax.jit(grain_optax.grain_value_and_grad(
+      loss, 4, grad_dtype='params'))(params, batch)
+  np.testing.assert_array_equal(out.losses, ref.losses)
+  np.testing.assert_allclose(out.weights, ref.weights, atol=1e-6)
+  np.testing.assert_allclose(out.grads['w'], ref.grads['w'], rtol=1e-5,
+                             atol=1e-7)

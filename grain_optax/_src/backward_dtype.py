@@ -17,7 +17,16 @@ and into ``lax.scan`` when it is scanned over (``xs``: each step uses its own
 slice, so no cotangents are summed in low precision). Any other use (two
 casts, an arithmetic op on the float32 value, a custom derivative, an output)
 keeps the leaf's own dtype: there the float32 gradient sums or transforms
-cotangents in float32, and narrowing would round it.
+cotangents in float32, and narrowing would round it. The callers trace the
+loss with its auxiliary output too, so a parameter returned in ``aux`` keeps
+its dtype and value.
+
+Lossless by construction: the loss never runs on the narrowed leaves
+themselves. It runs on the narrowed leaf cast back to its own dtype
+(:func:`widened`), whose one use, the cast to the narrower dtype, then gives
+bit for bit the value it gave on the original leaf; every other part of the
+program (dtype reads, branches, outputs) is the one traced on the original
+leaves. Only the variable of differentiation changes, to the narrow copy.
 """
 
 from typing import Any, Callable, List, Optional
@@ -101,9 +110,26 @@ def narrowed(fn: Callable[..., Any], leaves: List[Any]
   """``leaves`` with each one :func:`narrow_dtypes` allows cast, or None.
 
   None when no leaf narrows, so that callers keep their inputs untouched.
+  Differentiate with respect to the narrowed leaves, but run the loss on
+  :func:`widened` ones (:func:`widen_inputs`): a narrowed leaf cast back to
+  its own dtype and then by the loss's one cast gives the very value the loss
+  saw before (a narrower float widened and narrowed again is unchanged), so
+  the loss computes exactly what it computes on the original leaves, with
+  the same dtypes wherever it reads them (``x.astype(w.dtype)``,
+  ``jnp.finfo(w.dtype)``), while the gradient comes in the narrower dtype.
   """
   dtypes = narrow_dtypes(fn, leaves)
   if not any(dtypes):
     return None
   return [x if d is None else jnp.asarray(x).astype(d)
           for x, d in zip(leaves, dtypes)]
+
+
+def widened(leaves: List[Any], dtypes: List[Any]) -> List[Any]:
+  """Each leaf cast to ``dtypes[i]`` where it differs (the original dtype).
+
+  XLA folds the pair ``narrow(widen(x))`` into ``x``, so the widening costs
+  nothing in the compiled step.
+  """
+  return [x if jnp.dtype(jnp.result_type(x)) == jnp.dtype(d)
+          else jnp.asarray(x).astype(d) for x, d in zip(leaves, dtypes)]

@@ -23,8 +23,9 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
     group ``i`` holds examples ``i * B // m`` to ``(i + 1) * B // m - 1``.
 
   Raises:
-    ValueError: if ``num_groups < 1``, a leaf is a scalar, or a leaf's batch
-      size is not divisible by ``num_groups`` (the message names the leaf).
+    ValueError: if ``num_groups < 1``, a leaf is a scalar, two leaves differ
+      in their size on axis 0, or the batch size is not divisible by
+      ``num_groups`` (the message names the leaves).
 
   Example:
     >>> import jax.numpy as jnp
@@ -33,21 +34,36 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
     (3, 2)
   """
   num_groups = validation.check_num_groups(num_groups)
-
-  def split(path, leaf):
-    shape = getattr(leaf, 'shape', ())
-    if len(shape) == 0:
+  leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+  first = None  # The first leaf's (path, shape): its axis 0 is B.
+  for path, leaf in leaves:
+    shape = tuple(getattr(leaf, 'shape', ()))
+    if not shape:
       raise ValueError(
           f'grain_optax: batch leaf {validation.leaf_name(path)} is a scalar; '
           'every batch leaf needs a batch axis 0 to split into groups.')
+    if first is None:
+      first = (path, shape)
+    elif shape[0] != first[1][0]:
+      raise ValueError(
+          f'grain_optax: batch leaf {validation.leaf_name(path)} has size '
+          f'{shape[0]} on axis 0 (shape {shape}), but batch leaf '
+          f'{validation.leaf_name(first[0])} has {first[1][0]} (shape '
+          f'{first[1]}); every leaf of the batch must share the batch size B '
+          'on axis 0, which is split into groups. Pass what is not per '
+          'example (e.g. class weights) as another argument of loss_fn, '
+          'outside batch_argnums, or close over it.')
     if shape[0] % num_groups:
       raise ValueError(
           f'grain_optax: batch leaf {validation.leaf_name(path)} has batch '
-          f'size {shape[0]} (shape {tuple(shape)}), which is not divisible by '
+          f'size {shape[0]} (shape {shape}), which is not divisible by '
           f'num_groups={num_groups}.')
+
+  def split(leaf):
+    shape = leaf.shape
     return leaf.reshape((num_groups, shape[0] // num_groups) + tuple(shape[1:]))
 
-  return jax.tree_util.tree_map_with_path(split, batch)
+  return jax.tree_util.tree_map(split, batch)
 
 
 def with_batches(args: Sequence[Any], batch_idx: Sequence[int],
@@ -61,13 +77,23 @@ def with_batches(args: Sequence[Any], batch_idx: Sequence[int],
 
 def group_mask_of(example_mask: Callable[..., Any], batches: Sequence[Any],
                   num_groups: int, caller: str) -> jax.Array:
-  """The ``[m]`` bool mask of groups holding at least one valid example."""
+  """The ``[m]`` bool mask of groups holding at least one valid example.
+
+  Raises:
+    ValueError: if ``example_mask`` does not return shape ``[B]``, with ``B``
+      the size of axis 0 of the batches' leaves.
+  """
   mask = jnp.asarray(example_mask(*batches))
-  if mask.ndim != 1 or mask.shape[0] % num_groups:
+  sizes = [x.shape[0] for x in jax.tree_util.tree_leaves(list(batches))
+           if getattr(x, 'shape', ())]
+  size = sizes[0] if sizes else None
+  if (mask.ndim != 1 or mask.shape[0] % num_groups
+      or (size is not None and mask.shape[0] != size)):
+    of_batch = '' if size is None else f', but the batch has B = {size}'
     raise ValueError(
         f'{caller}: example_mask must return one value per example, shape '
         f'[B] with B divisible by num_groups={num_groups}; got shape '
-        f'{mask.shape}.')
+        f'{mask.shape}{of_batch}.')
   return jnp.any(mask.reshape(num_groups, -1) != 0, axis=1)
 
 
@@ -193,7 +219,11 @@ def group_value_and_grad(
                         jax.tree_util.tree_unflatten(treedef, leaves))
 
   def narrowed_args(args, kwargs, groups):
-    """``args`` with each losslessly narrowable leaf cast (see grad_dtype)."""
+    """``args`` with each losslessly narrowable leaf cast (see grad_dtype).
+
+    Returns the new args and the differentiated leaves' own dtypes, or
+    ``(args, None)`` when no leaf narrows.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(
         tuple(args[i] for i in diff_args))
 
@@ -201,23 +231,42 @@ def group_value_and_grad(
       def one(group_batches):
         full = with_diff(with_batches(args, batch_idx, group_batches),
                          new_leaves, treedef)
-        out = loss_fn(*full, **kwargs)
-        return out[0] if has_aux else out
+        # The whole output, aux too: a parameter returned in aux is used
+        # by more than its cast and keeps its dtype and value.
+        return loss_fn(*full, **kwargs)
       return jax.vmap(one)(groups)
 
     narrow = backward_dtype.narrowed(loss_of, leaves)
-    return args if narrow is None else tuple(with_diff(args, narrow, treedef))
+    if narrow is None:
+      return args, None
+    dtypes = [jnp.result_type(x) for x in leaves]
+    return tuple(with_diff(args, narrow, treedef)), (dtypes, treedef)
 
   def wrapped(*args, **kwargs):
     validation.enough_positional(batch_idx, batch_argnums, args,
                                  'grain_optax')
     groups = tuple(split_into_groups(args[i], num_groups) for i in batch_idx)
+    wide = None
     if grad_dtype == 'backward':
-      args = narrowed_args(args, kwargs, groups)
+      args, wide = narrowed_args(args, kwargs, groups)
+    grad_of = value_and_grad
+    if wide is not None:
+      # Differentiate the narrow copies, but run the loss on them cast back
+      # to the params' own dtypes: the loss computes exactly what it
+      # computes on the params (see backward_dtype).
+      dtypes, treedef = wide
+
+      def loss_on_wide(*full, **kw):
+        leaves = jax.tree_util.tree_leaves(tuple(full[i] for i in diff_args))
+        full = with_diff(full, backward_dtype.widened(leaves, dtypes),
+                         treedef)
+        return loss_fn(*full, **kw)
+
+      grad_of = jax.value_and_grad(loss_on_wide, argnums=argnums,
+                                   has_aux=has_aux)
 
     def one_group(group_batches):
-      return value_and_grad(*with_batches(args, batch_idx, group_batches),
-                            **kwargs)
+      return grad_of(*with_batches(args, batch_idx, group_batches), **kwargs)
 
     if split_sums and num_groups > 1:
       one_group = reductions.split_leading_sums(one_group)

@@ -7,6 +7,7 @@ the package never needs it.
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 
 from grain_optax._src import backward_dtype
 from grain_optax._src import grouping
@@ -121,7 +122,11 @@ def nnx_group_value_and_grad(
   module_axes = nnx.StateAxes({nnx.RngState: 0, ...: None})
 
   def narrowed(model, groups, args):
-    """A copy of ``model`` with each losslessly narrowable variable cast."""
+    """A copy of ``model`` with each losslessly narrowable variable cast.
+
+    Returns ``(copy, dtypes)``, ``dtypes`` the differentiated variables'
+    own dtypes, or None when no variable narrows.
+    """
     graphdef, diff, rest = nnx.split(model, wrt, ...)
     leaves, treedef = jax.tree_util.tree_flatten(diff)
 
@@ -132,30 +137,57 @@ def nnx_group_value_and_grad(
         copy = nnx.merge(graphdef,
                          jax.tree_util.tree_unflatten(treedef, new_leaves),
                          jax.tree_util.tree_map(lambda x: x, rest))
-        out = loss_fn(copy, group, *args)
-        return out[0] if has_aux else out
+        # The whole output, aux too (a variable returned in aux keeps its
+        # dtype and value).
+        return loss_fn(copy, group, *args)
       return jax.vmap(one)(groups)
 
     narrow = backward_dtype.narrowed(loss_of, leaves)
     if narrow is None:
       return None
-    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, narrow),
+    copy = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, narrow),
                      rest)
+    return copy, [jnp.result_type(x) for x in leaves]
+
+  def on_wide(dtypes):
+    """``loss_fn`` run on the narrow variables cast back to ``dtypes``.
+
+    The loss then computes exactly what it computes on the model's own
+    variables (see ``backward_dtype``); only the variables of
+    differentiation are the narrow copies. State the loss changes (RNG
+    counts) is written back to the module it was given.
+    """
+    def loss_wide(model, group, *args):
+      graphdef, diff, rest = nnx.split(model, wrt, ...)
+      leaves, treedef = jax.tree_util.tree_flatten(diff)
+      wide = jax.tree_util.tree_unflatten(
+          treedef, backward_dtype.widened(leaves, dtypes))
+      inner = nnx.merge(graphdef, wide, rest)
+      out = loss_fn(inner, group, *args)
+      nnx.update(model, nnx.state(inner, nnx.Not(wrt)))
+      return out
+    return nnx.value_and_grad(
+        loss_wide, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
 
   def wrapped(model, batch, *args):
     groups = grouping.split_into_groups(batch, num_groups)
-    copy = narrowed(model, groups, args) if grad_dtype == 'backward' else None
+    narrow = (narrowed(model, groups, args) if grad_dtype == 'backward'
+              else None)
+    copy, this_grad_fn = None, grad_fn
+    if narrow is not None:
+      copy, dtypes = narrow
+      this_grad_fn = on_wide(dtypes)
 
     @nnx.split_rngs(splits=num_groups)
     @nnx.vmap(in_axes=(module_axes, 0) + (None,) * len(args), out_axes=0)
     def per_group(model, group, *args):
       if not (split_sums and num_groups > 1):
-        return grad_fn(model, group, *args)
+        return this_grad_fn(model, group, *args)
       graphdef, state = nnx.split(model)
 
       def pure(state, group, *args):
         inner = nnx.merge(graphdef, state)
-        return grad_fn(inner, group, *args), nnx.state(inner)
+        return this_grad_fn(inner, group, *args), nnx.state(inner)
 
       out, new_state = reductions.split_leading_sums(pure)(state, group, *args)
       nnx.update(model, new_state)

@@ -36,8 +36,11 @@ class GrainState(NamedTuple):
       applied update over the norm of the plain mean of the (finite) groups;
       at most 1; 0 when the mean is zero.
     min_cosine: ``[]`` float32 smallest cosine between the update :math:`d`
-      and a group gradient; non-negative by construction (GRAIN's guarantee),
-      0 when :math:`d = 0`. Compare with the same statistic for the mean to see
+      and a group gradient; never negative (GRAIN's guarantee): 0 when
+      :math:`d` is zero to the solver's precision, i.e. when
+      :math:`\|d\|^2` is within 4 times the weights' KKT shortfall
+      :math:`\max_i (\|d\|^2 - \langle d, g_i \rangle)` of 0 (0 then
+      lies in the hull of the groups, up to rounding). Compare with the same statistic for the mean to see
       how much conflict there was.
     mean_min_cosine: ``[]`` float32 smallest cosine between the plain mean and
       a group gradient; negative when the mean would have raised some group's
@@ -71,20 +74,30 @@ def statistics(k: jax.Array, weights: jax.Array, valid: jax.Array
   diag = jnp.diagonal(k)
   norms = jnp.sqrt(jnp.maximum(diag, 0.0))
 
-  def worst_cosine(w):
+  def worst_cosine(w, tied):
     kw = jnp.dot(k, w, precision=jax.lax.Precision.HIGHEST)
     sq = jnp.maximum(jnp.dot(w, kw, precision=jax.lax.Precision.HIGHEST), 0.0)
     # k has unit largest diagonal: below ||d|| = 1e-6 max_i ||g_i|| (the
     # solver's float32 floor), d is 0 and its direction is rounding noise.
     sq = jnp.where(sq > 1e-12, sq, 0.0)
-    denom = jnp.sqrt(sq) * norms
+    cut = sq
+    if tied:
+      # The min-norm point: <d, g_i> = (Kw)_i >= ||d||^2 - deficit, with
+      # deficit the weights' KKT shortfall (rounding and the solver's
+      # tolerance). Where ||d||^2 > 4 * deficit every (Kw)_i > 0.75 ||d||^2
+      # and the cosines are positive; below, d is zero to the solver's
+      # precision and its direction is noise: reported as 0.
+      valid_kw = jnp.where(valid, kw, jnp.inf)
+      deficit = jnp.maximum(sq - jnp.min(valid_kw), 0.0)
+      cut = jnp.where(sq > 4.0 * deficit, sq, 0.0)
+    denom = jnp.sqrt(cut) * norms
     cos = jnp.where(valid & (denom > 0), kw / jnp.where(denom > 0, denom, 1.0),
                     jnp.inf)
     worst = jnp.min(cos)
     return jnp.where(jnp.isfinite(worst), jnp.clip(worst, -1.0, 1.0), 0.0), sq
 
-  min_cos, d_sq = worst_cosine(weights)
-  mean_min_cos, mean_sq = worst_cosine(mean_w)
+  min_cos, d_sq = worst_cosine(weights, True)
+  mean_min_cos, mean_sq = worst_cosine(mean_w, False)
   ratio = jnp.where(
       mean_sq > 0,
       jnp.sqrt(d_sq / jnp.where(mean_sq > 0, mean_sq, 1.0)), 0.0)

@@ -118,7 +118,8 @@ def grain(
       leaf's own dtype; with :func:`group_value_and_grad`'s default
       ``grad_dtype='backward'`` the bytes sent then match those of the mean's
       all-reduce. ``jnp.float32`` moves bfloat16 groups without rounding
-      the update, at twice the bytes.
+      the update, at twice the bytes. float16 and the float8 types are
+      refused (they move unscaled and would overflow).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its
@@ -188,8 +189,8 @@ def grain(
                             stepsize), caller=caller)
   axes_lib.axes_tuple(axis_name, 'axis_name')
   axes_lib.axes_tuple(param_axis_name, 'param_axis_name')
-  communication_dtype = validation.float_dtype(
-      communication_dtype, 'communication_dtype', caller)
+  communication_dtype = validation.communication_dtype(
+      communication_dtype, caller)
 
   def init_fn(params):
     del params
@@ -206,6 +207,7 @@ def grain(
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     flags = (None if mask is None
              else validation.leaf_flags(mask, updates, params, caller))
+    validation.check_floating(updates, flags, caller)
     if flags is None:
       sub_updates, sub_params, sub_sharding = updates, params, param_sharding
     else:
@@ -241,7 +243,8 @@ def grain(
             f'grain(num_groups={num_groups}) was asked for.')
       g_mask = validation.group_mask(group_mask, m, caller)
     out_dtypes = (None if sub_params is None else
-                  [p.dtype for p in jax.tree_util.tree_leaves(sub_params)])
+                  [jnp.result_type(p)
+                   for p in jax.tree_util.tree_leaves(sub_params)])
     new_sub, sol, gram = mnp_lib.run(
         plan, sub_updates, solve, g_mask, out_dtypes=out_dtypes,
         communication_dtype=communication_dtype)
