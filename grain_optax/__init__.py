@@ -17,6 +17,7 @@ from grain_optax._src.grouping import group_value_and_grad
 from grain_optax._src.grouping import split_into_groups
 from grain_optax._src.lean import grain_value_and_grad
 from grain_optax._src.lean import GrainGrad
+from grain_optax._src.metrics import metrics
 from grain_optax._src.min_norm_point import min_norm_point
 from grain_optax._src.min_norm_point import MinNormPoint
 from grain_optax._src.nnx import nnx_group_value_and_grad
@@ -45,6 +46,7 @@ __all__ = (
     'gram_matrix',
     'group_value_and_grad',
     'kkt_residual',
+    'metrics',
     'min_norm_point',
     'min_norm_weights',
     'MinNormPoint',

@@ -1,6 +1,7 @@
 """Checks of GRAIN on 8 CPU devices, run by tests/test_min_norm_point.py.
 
-Usage: python tests/_sharding_devices.py CASE   (CASE: jit, shard_map, fsdp)
+Usage: python tests/_sharding_devices.py CASE   (CASE: jit, shard_map, fsdp,
+apply)
 
 Sets XLA_FLAGS for 8 host devices before importing jax, runs the case's
 checks (assertions) and prints one JSON line of measured numbers for the test
@@ -461,8 +462,58 @@ def case_fsdp():
   return out
 
 
+def case_apply():
+  """apply= in both data-parallel forms, k = 1 and 2 groups per device."""
+  params = init_params(0)
+  batch = make_batch(3)
+  mesh = jax.make_mesh((D,), ('data',), axis_types=(AxisType.Auto,))
+  out = {}
+  # 'grain_at_mean_length' takes the same path with other coefficients
+  # (variants.coefficients, checked on one device in test_variants.py).
+  for apply in ('mean', 'mean_at_grain_length'):
+    for k in (1, 2):
+      m = D * k
+      ref_tx = grain_optax.grain(num_groups=m, apply=apply)
+
+      @jax.jit
+      def reference(params, batch, m=m, ref_tx=ref_tx):
+        _, grads = grain_optax.group_value_and_grad(loss_fn, m)(params, batch)
+        return ref_tx.update(grads, ref_tx.init(params), params)
+
+      d_ref, s_ref = reference(params, batch)
+      tx = grain_optax.grain(num_groups=m, axis_name='data', apply=apply)
+
+      def step(params, batch, tx=tx, m=m):
+        _, grads = grain_optax.group_value_and_grad(loss_fn, m)(params, batch)
+        return tx.update(grads, tx.init(params), params)
+
+      with jax.set_mesh(mesh):
+        p = jax.device_put(params, NamedSharding(mesh, P()))
+        b = jax.device_put(batch, NamedSharding(mesh, P('data')))
+        d_jit, s_jit = jax.jit(step)(p, b)
+
+      def local(params, batch, tx=tx, k=k):
+        varying = jax.lax.pcast(params, 'data', to='varying')
+        _, grads = grain_optax.group_value_and_grad(loss_fn, k)(varying, batch)
+        return tx.update(grads, tx.init(params), params)
+
+      d_sm, s_sm = jax.jit(jax.shard_map(
+          local, mesh=mesh, in_specs=(P(), P('data')),
+          out_specs=(P(), P())))(params, batch)
+      for form, d, s in (('jit', d_jit, s_jit), ('shard_map', d_sm, s_sm)):
+        err = max_err(d, d_ref)
+        assert err < 1e-5, (apply, k, form, err)
+        assert max_err(s.update_min_cosine, s_ref.update_min_cosine) < 1e-5
+        out[f'{apply}_k{k}_{form}_err'] = err
+      if apply == 'mean':
+        mean = jax.jit(jax.grad(loss_fn))(params, batch)
+        out[f'mean_k{k}_vs_grad'] = max_err(d_jit, mean)
+        assert out[f'mean_k{k}_vs_grad'] < 1e-5, out
+  return out
+
+
 if __name__ == '__main__':
   case = sys.argv[1]
   result = {'jit': case_jit, 'shard_map': case_shard_map,
-            'fsdp': case_fsdp}[case]()
+            'fsdp': case_fsdp, 'apply': case_apply}[case]()
   print('RESULT ' + json.dumps(result))

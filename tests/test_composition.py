@@ -221,3 +221,51 @@ def test_clipping_before_grain_scales_by_the_norm_of_all_groups():
   norm = float(jnp.linalg.norm(d['w']))
   assert norm > 1.0
   np.testing.assert_allclose(u['w'], d['w'] / norm, rtol=1e-5)
+
+
+# --- Wrappers that hand grain()'s input to something else (issue 26 N6) -------
+
+
+def _sgd_after_grain():
+  return optax.chain(grain_optax.grain(num_groups=4), optax.sgd(0.1))
+
+
+@pytest.mark.parametrize('wrapper, match', [
+    (lambda: optax.contrib.sam(_sgd_after_grain(), optax.sgd(0.1)),
+     r'optax\.contrib\.sam.*optax\.chain\(grain_optax\.grain\(\), '
+     r'optax\.contrib\.sam\('),
+    (lambda: optax.contrib.sam(optax.sgd(0.1), _sgd_after_grain(),
+                               opaque_mode=True),
+     r'optax\.contrib\.sam'),
+    (lambda: optax.contrib.mechanize(_sgd_after_grain()),
+     r'optax\.contrib\.mechanize.*optax\.chain\(grain_optax\.grain\(\), '
+     r'optax\.contrib\.mechanize\(inner\)\)'),
+    (lambda: optax.flatten(_sgd_after_grain()),
+     r'optax\.flatten.*optax\.chain\(grain_optax\.grain\(\), '
+     r'optax\.flatten\(inner\)\)'),
+], ids=['sam', 'sam_opaque', 'mechanize', 'flatten'])
+def test_grain_inside_sam_mechanize_or_flatten_fails_naming_the_wrapper(
+    wrapper, match):
+  # sam leaked a group axis into the params ((4,), (4, 3)); mechanize and
+  # flatten failed with errors that did not name them.
+  g = per_group(0)
+  params = params_like(g)
+  tx = wrapper()
+  extra = {'grad_fn': lambda p, i: g} if 'sam' in match else {}
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda g, s, p: tx.update(g, s, p, **extra), g,
+                   tx.init(params), params)
+
+
+@pytest.mark.parametrize('inner', [
+    lambda: optax.contrib.sam(optax.sgd(0.1), optax.sgd(0.1)),
+    lambda: optax.contrib.mechanize(optax.sgd(0.1)),
+    lambda: optax.flatten(optax.sgd(0.1)),
+], ids=['sam', 'mechanize', 'flatten'])
+def test_sam_mechanize_and_flatten_after_grain_work(inner):
+  g = per_group(0)
+  params = params_like(g)
+  tx = optax.chain(grain_optax.grain(num_groups=4), inner())
+  u, _ = jax.eval_shape(tx.update, g, tx.init(params), params)
+  assert jax.tree.map(lambda x: x.shape, u) == jax.tree.map(
+      jnp.shape, params)

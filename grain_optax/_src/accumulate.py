@@ -21,6 +21,7 @@ from grain_optax._src import min_norm_point as mnp_lib
 from grain_optax._src import solvers
 from grain_optax._src import state as state_lib
 from grain_optax._src import validation
+from grain_optax._src import variants
 
 EveryK = Union[int, jax.Array, Callable[[jax.Array], Any]]
 
@@ -50,6 +51,7 @@ def accumulate(
     max_iterations: Optional[int] = None,
     regularization: jax.typing.ArrayLike = 1e-7,
     stepsize: jax.typing.ArrayLike = 0.0,
+    apply: str = 'grain',
 ) -> optax.GradientTransformationExtraArgs:
   r"""GRAIN across mini-batches: one inner step on the min-norm point of k.
 
@@ -109,15 +111,34 @@ def accumulate(
     max_every_k: the buffer's number of slots, a Python int; required when
       ``every_k`` is not an int (shapes must be static, so the buffer is sized
       for the largest window), and defaults to ``every_k`` otherwise.
-    buffer_dtype: dtype of the stored gradients; ``None`` (default) uses each
-      param's own dtype. With ``optax.inject_hyperparams``, list it in
-      ``static_args`` or give it as a string such as ``'bfloat16'``.
+    buffer_dtype: dtype of the stored gradients, a floating dtype; ``None``
+      (default) uses each param's own dtype. With
+      ``optax.inject_hyperparams``, list it in ``static_args`` or give it as
+      a string such as ``'bfloat16'``.
     solver: ``'exact'`` (default) or ``'projected_gradient'``; see
       :func:`min_norm_weights`.
     tolerance: solver tolerance (see :func:`min_norm_weights`); may be injected.
     max_iterations: solver iteration cap (see :func:`min_norm_weights`).
     regularization: ridge for the exact solver; may be injected.
     stepsize: fixed step for the projected-gradient solver, 0 for line search.
+    apply: what the update is; the window's weights and statistics
+      (``state.stats``) are those of the min-norm point whatever is
+      applied; the values are those of :func:`grain`, over the window's
+      gradients instead of a batch's groups.
+      ``'grain'`` (default): the min-norm point :math:`d`.
+      ``'mean'``: the plain mean of the window's gradients that take
+      part and are finite (**monitor mode**: ordinary training, equal to
+      ``optax.MultiSteps``'s mean up to float32 rounding, while the state
+      logs what GRAIN would have done; read it with :func:`metrics`).
+      ``'mean_at_grain_length'``: the mean's direction shortened to
+      :math:`\|d\|`; ``'grain_at_mean_length'``: :math:`d`'s direction at
+      the mean's length (zero when :math:`d = 0`). In this project's
+      MiniLM study (``benchmarks/STABILITY.md``) with SGD + momentum,
+      ``'grain'`` per example kept training at learning rates where the
+      mean diverged, ``'mean_at_grain_length'`` did best of all (the gain
+      is GRAIN's shorter step) and ``'grain_at_mean_length'`` diverged like
+      the mean; with AdamW none beat the mean. See
+      ``docs/when_grain_helps.md``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -126,8 +147,9 @@ def accumulate(
 
   Raises:
     ValueError: for ``every_k < 1``, a non-int ``every_k`` without
-      ``max_every_k``, an unknown solver, or (when tracing ``update``) updates
-      that are not shaped like the params, naming the leaf and its shape.
+      ``max_every_k``, an unknown solver, a ``buffer_dtype`` that is not a
+      floating dtype, or (when tracing ``update``) updates that are not
+      shaped like the params, naming the leaf and its shape.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -145,6 +167,7 @@ def accumulate(
     [0.8, 0.2]
   """
   caller = 'grain_optax.accumulate'
+  apply = variants.check_apply(apply, caller)
   every_k, max_every_k = validation.window(every_k, max_every_k, caller)
   # Numeric solver options may be arrays (optax.inject_hyperparams).
   solve = solvers.make_solve(
@@ -156,8 +179,10 @@ def accumulate(
         f'GradientTransformation, got {type(inner).__name__}.')
   inner = optax.with_extra_args_support(inner)
   num_slots = max_every_k
-  if buffer_dtype is not None:
-    buffer_dtype = jnp.dtype(buffer_dtype)
+  buffer_dtype = validation.float_dtype(
+      buffer_dtype, 'buffer_dtype', caller,
+      hint=' (the gradients are stored in it: an integer buffer truncates '
+      'them, to zero for most)')
 
   def init_fn(params):
     if params is None:
@@ -200,7 +225,7 @@ def accumulate(
 
     def close_window():
       in_window = (jnp.arange(num_slots) < filled) & in_use
-      d, sol, gram = mnp_lib.run(None, buffer, solve, in_window)
+      d, sol, gram = mnp_lib.run(None, buffer, solve, in_window, apply=apply)
       # Every gradient that takes part is non-finite: NaN for inner (as
       # grain() does), so that an inner optax.apply_if_finite skips the step.
       d = mnp_lib.nan_if_none_left(d, sol.weights, jnp.any(in_window))
@@ -211,7 +236,8 @@ def accumulate(
       new_inner = jax.tree_util.tree_map(
           lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
           new_inner, state.inner_state)
-      stats = state_lib.solution_state(state.stats, gram, sol, mask=in_window)
+      stats = state_lib.solution_state(state.stats, gram, sol, mask=in_window,
+                                       apply=apply)
       return new_updates, new_inner, stats
 
     def hold():

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 from grain_optax._src import grouping
 from grain_optax._src import min_norm_point as mnp_lib
 from grain_optax._src import solvers
+from grain_optax._src import state as state_lib
 from grain_optax._src import validation
+from grain_optax._src import variants
 
 
 class GrainGrad(NamedTuple):
@@ -45,6 +47,9 @@ class GrainGrad(NamedTuple):
       NaN or infinity (groups left out by ``example_mask`` are not counted).
     aux: the auxiliary output of ``loss_fn`` with a leading group axis when
       ``has_aux=True`` (from the first pass), else None.
+    norm_ratio, min_cosine, mean_min_cosine, update_min_cosine,
+    effective_groups, num_excluded: ``[]`` statistics of the solve, as in
+      :class:`GrainState` (read them with :func:`metrics`).
   """
   losses: jax.Array
   grads: Any
@@ -54,6 +59,12 @@ class GrainGrad(NamedTuple):
   num_iterations: jax.Array
   num_nonfinite: jax.Array
   aux: Any
+  norm_ratio: jax.Array
+  min_cosine: jax.Array
+  mean_min_cosine: jax.Array
+  update_min_cosine: jax.Array
+  effective_groups: jax.Array
+  num_excluded: jax.Array
 
 
 def grain_value_and_grad(
@@ -69,7 +80,10 @@ def grain_value_and_grad(
     tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[int] = None,
     regularization: jax.typing.ArrayLike = 1e-7,
+    stepsize: jax.typing.ArrayLike = 0.0,
     grad_dtype: str = 'backward',
+    split_sums: bool = True,
+    apply: str = 'grain',
 ) -> Callable[..., GrainGrad]:
   r"""The GRAIN gradient of a loss in the memory of an ordinary step.
 
@@ -125,14 +139,36 @@ def grain_value_and_grad(
     tolerance: solver tolerance, see :func:`min_norm_weights`.
     max_iterations: solver iteration cap, see :func:`min_norm_weights`.
     regularization: ridge of the exact solvers, see :func:`min_norm_weights`.
+    stepsize: fixed step of the projected-gradient solver, 0 for line
+      search, see :func:`min_norm_weights`.
     grad_dtype: the dtype of the first pass's group gradients, see
       :func:`group_value_and_grad` (``grads`` is always in the dtypes of the
       differentiated arguments).
+    split_sums: per-group sums of the first pass in two float32 stages, see
+      :func:`group_value_and_grad` (the second pass is an ordinary backward
+      pass and is never rewritten).
+    apply: what the update is; ``weights`` and every statistic in the result are
+      those of the min-norm point whatever is applied; ``grads`` is the
+      applied update, from the second pass with these coefficients.
+      ``'grain'`` (default): the min-norm point :math:`d`.
+      ``'mean'``: the plain mean of the groups that take part and are
+      finite (**monitor mode**: the ordinary gradient, equal to
+      ``jax.grad`` of the mean loss up to float32 rounding, with what GRAIN
+      would have done in the other fields; read them with :func:`metrics`).
+      ``'mean_at_grain_length'``: the mean's direction shortened to
+      :math:`\|d\|`; ``'grain_at_mean_length'``: :math:`d`'s direction at
+      the mean's length (zero when :math:`d = 0`). In this project's
+      MiniLM study (``benchmarks/STABILITY.md``) with SGD + momentum,
+      ``'grain'`` per example kept training at learning rates where the
+      mean diverged, ``'mean_at_grain_length'`` did best of all (the gain
+      is GRAIN's shorter step) and ``'grain_at_mean_length'`` diverged like
+      the mean; with AdamW none beat the mean. See
+      ``docs/when_grain_helps.md``.
 
   Returns:
     A function with the signature of ``loss_fn`` returning a
-    :class:`GrainGrad` ``(losses, grads, weights, gram, kkt_residual,
-    num_iterations, num_nonfinite, aux)``.
+    :class:`GrainGrad` (``losses``, ``grads``, ``weights``, ``gram``, the
+    solver's figures, ``aux`` and the statistics of :class:`GrainState`).
 
   Raises:
     ValueError: for ``num_groups < 1``, an unknown solver, a batch argument
@@ -156,13 +192,14 @@ def grain_value_and_grad(
   """
   caller = 'grain_optax.grain_value_and_grad'
   num_groups = validation.check_num_groups(num_groups)
+  apply = variants.check_apply(apply, caller)
   solve = solvers.make_solve(
-      solvers.SolverOptions(solver, tolerance, max_iterations, regularization),
-      caller=caller)
+      solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
+                            stepsize), caller=caller)
   per_group_fn = grouping.group_value_and_grad(
       loss_fn, num_groups, has_aux=has_aux, argnums=argnums,
       batch_argnums=batch_argnums, chunk_size=chunk_size,
-      grad_dtype=grad_dtype)
+      grad_dtype=grad_dtype, split_sums=split_sums)
   batch_idx = validation.batch_indices(batch_argnums, caller)
   multiple = not isinstance(argnums, int)
   diff_args = tuple(argnums) if multiple else (argnums,)
@@ -197,6 +234,8 @@ def grain_value_and_grad(
           example_mask, [args[i] for i in batch_idx], num_groups, caller)
     gram, sol = mnp_lib.gram_and_solution(per_group, solve, mask)
     weights = jax.lax.stop_gradient(sol.weights)
+    coef = jax.lax.stop_gradient(
+        variants.coefficients(apply, gram, weights, mask))
     _, valid, _ = solvers.normalize_gram(gram, mask)
     groups = tuple(grouping.split_into_groups(args[i], num_groups)
                    for i in batch_idx)
@@ -207,7 +246,7 @@ def grain_value_and_grad(
     groups = jax.tree_util.tree_map(
         lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x,
                             x[source]), groups)
-    grads = weighted_grad(args, kwargs, groups, weights)
+    grads = weighted_grad(args, kwargs, groups, coef)
     # No group left: zeros if the mask left none out of the step, NaN if
     # every group that takes part is non-finite (as grain() does), so that
     # optax.apply_if_finite sees the step instead of a silent zero.
@@ -216,12 +255,11 @@ def grain_value_and_grad(
     empty = jnp.where(taking_part, jnp.nan, 0.0)
     grads = jax.tree_util.tree_map(
         lambda g: jnp.where(any_valid, g, empty.astype(g.dtype)), grads)
+    stats = state_lib.solve_statistics(gram, sol.weights, mask, apply)
     return GrainGrad(
         losses=losses, grads=grads, weights=sol.weights, gram=gram,
         kkt_residual=sol.kkt_residual, num_iterations=sol.num_iterations,
-        num_nonfinite=((num_groups if mask is None else jnp.sum(mask))
-                       - jnp.sum(valid)).astype(jnp.int32),
-        aux=aux)
+        aux=aux, **stats._asdict())
 
   return wrapped
 

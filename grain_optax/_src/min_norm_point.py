@@ -57,6 +57,7 @@ from grain_optax._src import combine as combine_lib
 from grain_optax._src import gram as gram_lib
 from grain_optax._src import plan as plan_lib
 from grain_optax._src import solvers
+from grain_optax._src import variants
 from grain_optax._src import validation
 
 
@@ -94,7 +95,7 @@ def _moved_dtype(leaf, communication_dtype):
   return jnp.dtype(communication_dtype)
 
 
-def _run_manual(plan, leaves, solve, communication_dtype):
+def _run_manual(plan, leaves, solve, communication_dtype, coef):
   axes, param_axes, size = plan.axes, plan.param_axes, plan.size
   k = leaves[0].shape[0]
   tracked = axes_lib.vma_tracked(tuple(axes) + tuple(param_axes))
@@ -130,7 +131,8 @@ def _run_manual(plan, leaves, solve, communication_dtype):
     gram = gram_lib.gram_of_leaves(leaves, param_axes)
     sol = solve(gram)
     wide = [jnp.promote_types(leaf.dtype, jnp.float32) for leaf in leaves]
-    return combine_lib.weighted_sum(leaves, sol.weights, wide), sol, gram
+    return (combine_lib.weighted_sum(leaves, coef(gram, sol.weights), wide),
+            sol, gram)
 
   buckets = _buckets(leaves, lambda i: (
       _moved_dtype(leaves[i], communication_dtype), sharded[i]))
@@ -152,9 +154,10 @@ def _run_manual(plan, leaves, solve, communication_dtype):
     part = jax.lax.psum(part, tuple(axes) + tuple(param_axes))
     gram = part if gram is None else gram + part
   sol = solve(gram)
+  c = coef(gram, sol.weights)
   out = [None] * len(leaves)
   for x, n, idx in blocks:
-    d = combine_lib.weighted_sum(x, sol.weights)
+    d = combine_lib.weighted_sum(x, c)
     if axes:
       d = axes_lib.all_gather_invariant(d, axes)
     _unflatten_bucket(d[:n], leaves, idx, out)
@@ -177,7 +180,7 @@ def _leaf_target(trailing, shape, axes, size, sizes):
   return tuple(new)
 
 
-def _run_partitioned(plan, leaves, solve, communication_dtype):
+def _run_partitioned(plan, leaves, solve, communication_dtype, coef):
   axes, size = plan.axes, plan.size
   m = leaves[0].shape[0]
   explicit = plan.kind == 'explicit'
@@ -228,9 +231,10 @@ def _run_partitioned(plan, leaves, solve, communication_dtype):
   gram = constrain(gram, PartitionSpec())
   sol = solve(gram)
   weights = constrain(sol.weights, PartitionSpec())
+  c = constrain(coef(gram, weights), PartitionSpec())
   out = [None] * len(leaves)
   for x, n, idx in blocks:
-    d = combine_lib.weighted_sum(x, weights)
+    d = combine_lib.weighted_sum(x, c)
     if n is not None:
       # Keep d in blocks until it is whole: otherwise the partitioner
       # gathers every group gradient instead of the combined one.
@@ -252,7 +256,8 @@ def gram_and_solution(per_group: Any, solve: solvers.Solve, mask: Any = None
 
 def run(plan: Optional[plan_lib.Plan], per_group: Any, solve: solvers.Solve,
         mask: Any = None, *, out_dtypes: Optional[Sequence[Any]] = None,
-        communication_dtype: Any = None) -> 'MinNormPoint':
+        communication_dtype: Any = None,
+        apply: str = 'grain') -> 'MinNormPoint':
   """The min-norm point of checked per-group updates, as ``plan`` says.
 
   Args:
@@ -265,22 +270,28 @@ def run(plan: Optional[plan_lib.Plan], per_group: Any, solve: solvers.Solve,
     out_dtypes: per leaf, the dtype of the update (None: the leaf's own).
     communication_dtype: the dtype group blocks and ``d`` move between
       devices in (None: each leaf's own); unused on one device.
+    apply: what is combined (see :mod:`variants`): ``'grain'`` the min-norm
+      point; the other values rescale or replace its weights by the
+      coefficients :func:`variants.coefficients` gives. ``solution`` always
+      holds the min-norm weights.
   """
+  coef = lambda gram, weights: variants.coefficients(apply, gram, weights,
+                                                     mask)
   leaves, treedef = jax.tree_util.tree_flatten(per_group)
   if out_dtypes is None:
     out_dtypes = [leaf.dtype for leaf in leaves]
   if plan is None:
     gram, sol = gram_and_solution(per_group, solve, mask)
     return MinNormPoint(
-        combine_lib.weighted_sum(per_group, sol.weights, out_dtypes), sol,
-        gram)
+        combine_lib.weighted_sum(per_group, coef(gram, sol.weights),
+                                 out_dtypes), sol, gram)
   masked_solve = lambda gram: solve(gram, mask)
   if plan.kind == 'manual':
     out, sol, gram = _run_manual(plan, leaves, masked_solve,
-                                 communication_dtype)
+                                 communication_dtype, coef)
   else:
     out, sol, gram = _run_partitioned(plan, leaves, masked_solve,
-                                      communication_dtype)
+                                      communication_dtype, coef)
   out = [o.astype(d) for o, d in zip(out, out_dtypes)]
   return MinNormPoint(jax.tree_util.tree_unflatten(treedef, out), sol, gram)
 
@@ -388,7 +399,8 @@ def min_norm_point(
       accumulated in float32 either way; a dtype narrower than the leaves'
       rounds the groups before the Gram (the weights are optimal for the
       rounded groups) and :math:`d` before it is gathered. Unused on one
-      device.
+      device. float16 and the float8 types are refused: the blocks move
+      unscaled, and entries beyond their range would become non-finite.
 
   Returns:
     A :class:`MinNormPoint` ``(update, solution, gram)``.
@@ -417,8 +429,8 @@ def min_norm_point(
   solve = solvers.make_solve(
       solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
                             stepsize), caller=caller)
-  communication_dtype = validation.float_dtype(
-      communication_dtype, 'communication_dtype', caller)
+  communication_dtype = validation.communication_dtype(
+      communication_dtype, caller)
   validation.group_count(per_group)
   plan = plan_lib.make_plan(per_group, axis_name=axis_name,
                             param_axis_name=param_axis_name, mesh=mesh,

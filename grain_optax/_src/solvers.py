@@ -22,7 +22,6 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import jaxopt
 import optax
 
 from grain_optax._src import exact
@@ -151,6 +150,9 @@ def static_number(x: Any) -> Optional[float]:
 
 def _projected_gradient(k, valid, tolerance, max_iterations, stepsize):
   """jaxopt's ProjectedGradient with optax's Euclidean simplex projection."""
+  # Imported here, when this solver is traced: importing jaxopt warns that it
+  # is no longer maintained, which `import grain_optax` should not.
+  import jaxopt  # pylint: disable=g-import-not-at-top
   # jaxopt builds parts of its state from Python floats, which are float64
   # in x64 mode: run it in the default float type of the mode, so that its
   # loop carries keep one dtype, and return float32.

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from grain_optax._src import solvers
+from grain_optax._src import variants
 
 
 class GrainState(NamedTuple):
@@ -33,15 +34,16 @@ class GrainState(NamedTuple):
     kkt_residual: ``[]`` float32 relative KKT residual of the weights (see
       :func:`kkt_residual`); near 1e-7 or below for the exact solver.
     norm_ratio: ``[]`` float32 :math:`\\|d\\| / \\|\\bar g\\|`, the norm of the
-      applied update over the norm of the plain mean of the (finite) groups;
-      at most 1; 0 when the mean is zero.
-    min_cosine: ``[]`` float32 smallest cosine between the update :math:`d`
-      and a group gradient; never negative (GRAIN's guarantee): 0 when
-      :math:`d` is zero to the solver's precision, i.e. when
-      :math:`\|d\|^2` is within 4 times the weights' KKT shortfall
-      :math:`\max_i (\|d\|^2 - \langle d, g_i \rangle)` of 0 (0 then
-      lies in the hull of the groups, up to rounding). Compare with the same statistic for the mean to see
-      how much conflict there was.
+      min-norm point over the norm of the plain mean of the (finite) groups
+      (whatever ``apply`` is); at most 1; 0 when the mean is zero.
+    min_cosine: ``[]`` float32 smallest cosine between the min-norm point
+      :math:`d` and a group gradient (whatever ``apply`` is); never
+      negative (GRAIN's guarantee): 0 when :math:`d` is zero to the
+      solver's precision, i.e. when
+      :math:`\\|d\\|^2` is within 4 times the weights' KKT shortfall
+      :math:`\\max_i (\\|d\\|^2 - \\langle d, g_i \\rangle)` of 0 (0 then
+      lies in the hull of the groups, up to rounding). Compare with the
+      same statistic for the mean to see how much conflict there was.
     mean_min_cosine: ``[]`` float32 smallest cosine between the plain mean and
       a group gradient; negative when the mean would have raised some group's
       loss to first order.
@@ -50,6 +52,15 @@ class GrainState(NamedTuple):
     num_iterations: ``[]`` int32 iterations of the QP solver (as in
       :class:`MinNormSolution`; also readable as ``solver_iterations``, its
       former name).
+    update_min_cosine: ``[]`` float32 smallest cosine between the update
+      that was applied and a group gradient: ``min_cosine`` for
+      ``apply='grain'`` and ``'grain_at_mean_length'``, ``mean_min_cosine``
+      for ``'mean'`` and ``'mean_at_grain_length'``.
+    effective_groups: ``[]`` float32 :math:`\\exp(-\\sum_i w_i \\log w_i)` of
+      the min-norm weights: ``n`` when they are uniform over ``n`` groups
+      (GRAIN then applies the mean), 1 when one group takes all the weight.
+    num_excluded: ``[]`` int32 groups left out of the last update by
+      ``group_mask`` (or ``microbatch_mask``), not counting non-finite ones.
   """
   count: jax.Array
   weights: Optional[jax.Array]
@@ -59,6 +70,9 @@ class GrainState(NamedTuple):
   mean_min_cosine: jax.Array
   num_nonfinite: jax.Array
   num_iterations: jax.Array
+  update_min_cosine: jax.Array
+  effective_groups: jax.Array
+  num_excluded: jax.Array
 
   @property
   def solver_iterations(self) -> jax.Array:
@@ -69,8 +83,7 @@ class GrainState(NamedTuple):
 def statistics(k: jax.Array, weights: jax.Array, valid: jax.Array
                ) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Norm ratio and worst cosines from the normalised Gram, O(m^2)."""
-  n = jnp.maximum(jnp.sum(valid), 1)
-  mean_w = jnp.where(valid, 1.0 / n, 0.0)
+  mean_w = variants.mean_weights(valid)
   diag = jnp.diagonal(k)
   norms = jnp.sqrt(jnp.maximum(diag, 0.0))
 
@@ -121,13 +134,63 @@ def initial_state(num_weights: Optional[int]) -> GrainState:
       mean_min_cosine=jnp.zeros([], jnp.float32),
       num_nonfinite=jnp.zeros([], jnp.int32),
       num_iterations=jnp.zeros([], jnp.int32),
+      update_min_cosine=jnp.zeros([], jnp.float32),
+      effective_groups=jnp.zeros([], jnp.float32),
+      num_excluded=jnp.zeros([], jnp.int32),
+  )
+
+
+class Statistics(NamedTuple):
+  """What one solve did: the statistics :class:`GrainState` records."""
+  norm_ratio: jax.Array
+  min_cosine: jax.Array
+  mean_min_cosine: jax.Array
+  update_min_cosine: jax.Array
+  effective_groups: jax.Array
+  num_nonfinite: jax.Array
+  num_excluded: jax.Array
+
+
+def solve_statistics(gram: jax.Array, weights: jax.Array,
+                     mask: Optional[jax.Array] = None,
+                     apply: str = 'grain') -> Statistics:
+  """The :class:`Statistics` of min-norm ``weights`` on ``gram``, O(m^2).
+
+  Args:
+    gram: the ``[m, m]`` Gram matrix that was solved.
+    weights: the ``[m]`` min-norm weights.
+    mask: the ``[m]`` groups that took part (None: all).
+    apply: what was applied (see :mod:`variants`), for
+      ``update_min_cosine``.
+  """
+  k, valid, _ = solvers.normalize_gram(gram, mask)
+  weights = jnp.asarray(weights, jnp.float32)
+  ratio, min_cos, mean_min_cos = statistics(k, weights, valid)
+  update_cos = (min_cos if apply in ('grain', 'grain_at_mean_length')
+                else mean_min_cos)
+  entropy = -jnp.sum(jnp.where(weights > 0,
+                               weights * jnp.log(jnp.where(weights > 0,
+                                                           weights, 1.0)),
+                               0.0))
+  effective = jnp.where(jnp.any(weights > 0), jnp.exp(entropy), 0.0)
+  m = gram.shape[0]
+  considered = m if mask is None else jnp.sum(jnp.asarray(mask, bool))
+  return Statistics(
+      norm_ratio=ratio.astype(jnp.float32),
+      min_cosine=min_cos.astype(jnp.float32),
+      mean_min_cosine=mean_min_cos.astype(jnp.float32),
+      update_min_cosine=update_cos.astype(jnp.float32),
+      effective_groups=effective.astype(jnp.float32),
+      num_nonfinite=(considered - jnp.sum(valid)).astype(jnp.int32),
+      num_excluded=jnp.asarray(m - considered, jnp.int32),
   )
 
 
 def solution_state(previous: GrainState, gram: jax.Array,
                    solution: solvers.MinNormSolution, *,
                    mask: Optional[jax.Array] = None,
-                   record_weights: bool = True) -> GrainState:
+                   record_weights: bool = True,
+                   apply: str = 'grain') -> GrainState:
   """The :class:`GrainState` describing one solve on ``gram``.
 
   Args:
@@ -138,19 +201,15 @@ def solution_state(previous: GrainState, gram: jax.Array,
     mask: the ``[m]`` groups that took part (None: all); excluded groups are
       not counted as non-finite.
     record_weights: store ``solution.weights`` in the state.
+    apply: what was applied (see :mod:`variants`).
   """
-  k, valid, _ = solvers.normalize_gram(gram, mask)
-  ratio, min_cos, mean_min_cos = statistics(k, solution.weights, valid)
-  considered = gram.shape[0] if mask is None else jnp.sum(mask)
+  stats = solve_statistics(gram, solution.weights, mask, apply)
   return GrainState(
       count=optax.safe_increment(previous.count),
       weights=solution.weights if record_weights else previous.weights,
       kkt_residual=jnp.asarray(solution.kkt_residual, jnp.float32),
-      norm_ratio=ratio.astype(jnp.float32),
-      min_cosine=min_cos.astype(jnp.float32),
-      mean_min_cosine=mean_min_cos.astype(jnp.float32),
-      num_nonfinite=(considered - jnp.sum(valid)).astype(jnp.int32),
       num_iterations=jnp.asarray(solution.num_iterations, jnp.int32),
+      **stats._asdict(),
   )
 
 

@@ -12,6 +12,7 @@ from grain_optax._src import plan as plan_lib
 from grain_optax._src import solvers
 from grain_optax._src import state as state_lib
 from grain_optax._src import validation
+from grain_optax._src import variants
 
 
 def _full_group_mask(plan: plan_lib.Plan, local_mask: jax.Array,
@@ -38,6 +39,7 @@ def grain(
     mesh: Optional[jax.sharding.Mesh] = None,
     param_sharding: Any = None,
     communication_dtype: Any = None,
+    apply: str = 'grain',
 ) -> optax.GradientTransformationExtraArgs:
   r"""GRAIN: replace the mean of group gradients by their min-norm combination.
 
@@ -75,8 +77,10 @@ def grain(
   a zero update; keep the optimizer off them too (weight decay would move
   them) with ``optax.masked(inner, mask)`` after ``grain``. ``grain`` itself
   cannot go inside ``optax.masked``, ``optax.multi_transform``,
-  ``optax.apply_if_finite`` or ``optax.MultiSteps`` (those pass on or return
-  per-group updates): that raises a ``ValueError`` saying what to write.
+  ``optax.apply_if_finite``, ``optax.MultiSteps``, ``optax.flatten``,
+  ``optax.contrib.sam`` or ``optax.contrib.mechanize`` (those pass on,
+  return or reshape per-group updates): that raises a ``ValueError`` saying
+  what to write.
 
   Args:
     num_groups: the number of groups :math:`m` (an int or a NumPy integer).
@@ -120,6 +124,22 @@ def grain(
       all-reduce. ``jnp.float32`` moves bfloat16 groups without rounding
       the update, at twice the bytes. float16 and the float8 types are
       refused (they move unscaled and would overflow).
+    apply: what the update is; the weights and every statistic in the
+      state are those of the min-norm point whatever is applied.
+      ``'grain'`` (default): the min-norm point :math:`d`.
+      ``'mean'``: the plain mean of the groups that take part and are
+      finite (**monitor mode**: ordinary training, equal to the chain
+      without ``grain()`` up to float32 rounding, while the state logs what
+      GRAIN would have done; read it with :func:`metrics`).
+      ``'mean_at_grain_length'``: the mean's direction shortened to
+      :math:`\|d\|`; ``'grain_at_mean_length'``: :math:`d`'s direction at
+      the mean's length (zero when :math:`d = 0`). In this project's
+      MiniLM study (``benchmarks/STABILITY.md``) with SGD + momentum,
+      ``'grain'`` per example kept training at learning rates where the
+      mean diverged, ``'mean_at_grain_length'`` did best of all (the gain
+      is GRAIN's shorter step) and ``'grain_at_mean_length'`` diverged like
+      the mean; with AdamW none beat the mean. See
+      ``docs/when_grain_helps.md``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its
@@ -187,6 +207,7 @@ def grain(
   solve = solvers.make_solve(
       solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
                             stepsize), caller=caller)
+  apply = variants.check_apply(apply, caller)
   axes_lib.axes_tuple(axis_name, 'axis_name')
   axes_lib.axes_tuple(param_axis_name, 'param_axis_name')
   communication_dtype = validation.communication_dtype(
@@ -247,7 +268,7 @@ def grain(
                    for p in jax.tree_util.tree_leaves(sub_params)])
     new_sub, sol, gram = mnp_lib.run(
         plan, sub_updates, solve, g_mask, out_dtypes=out_dtypes,
-        communication_dtype=communication_dtype)
+        communication_dtype=communication_dtype, apply=apply)
     taking_part = jnp.any(g_mask) if g_mask is not None else True
     new_sub = mnp_lib.nan_if_none_left(new_sub, sol.weights, taking_part)
     if flags is None:
@@ -265,7 +286,8 @@ def grain(
           out.append(jnp.zeros(leaf.shape[1:], leaf.dtype))
       new_updates = jax.tree_util.tree_unflatten(treedef, out)
     new_state = state_lib.solution_state(
-        state, gram, sol, mask=g_mask, record_weights=num_groups is not None)
+        state, gram, sol, mask=g_mask, record_weights=num_groups is not None,
+        apply=apply)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

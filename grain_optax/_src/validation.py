@@ -85,6 +85,39 @@ def check_matches_params(per_group: Any, params: Any) -> None:
           f'{p_shape}; expected shape {(g.shape[0],) + p_shape}.{hint}')
 
 
+def check_floating(updates: Any, flags: Optional[Sequence[bool]],
+                   caller: str) -> None:
+  """Checks that the per-group updates GRAIN combines are floating arrays.
+
+  Args:
+    updates: the per-group updates.
+    flags: one bool per leaf, False for the leaves ``grain(mask=...)`` leaves
+      out (not checked); None for all leaves.
+    caller: the public function, for the message.
+
+  Raises:
+    ValueError: for an integer, bool or ``float0`` leaf (``jax.grad`` with
+      ``allow_int=True`` gives ``float0`` gradients for integer params),
+      naming the leaf and saying to leave it out with ``grain(mask=...)``.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for i, (path, leaf) in enumerate(leaves):
+    if flags is not None and not flags[i]:
+      continue
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      name = 'float0' if dtype == jax.dtypes.float0 else dtype.name
+      raise ValueError(
+          f'{caller}: leaf {leaf_name(path)} of the per-group updates has '
+          f'dtype {name} (shape {tuple(np.shape(leaf))}); GRAIN combines '
+          'floating gradients only (an integer parameter, such as a step '
+          'counter, has no gradient; jax.grad(allow_int=True) gives it '
+          'float0). Leave it out with grain(mask=...), False for this leaf '
+          '(e.g. mask=lambda p: jax.tree.map(lambda x: '
+          'jnp.issubdtype(x.dtype, jnp.floating), p)); it then gets a zero '
+          'update.')
+
+
 def positive_int(value: Any, name: str, caller: str, *,
                  hint: str = '', phrase: str = 'an int >= 1') -> int:
   """``value`` as a Python int >= 1; integer-likes accepted, bools rejected.
@@ -182,6 +215,25 @@ _CONDITIONAL_WRAPPERS = (
      'every_k=k)) for GRAIN across the k mini-batches too, or '
      'optax.chain(grain_optax.grain(), optax.MultiSteps(inner, k)) to average '
      'the GRAIN updates'),
+    (('optax', 'contrib', '_sam.py'),
+     ('transparent_update_fn', 'opaque_update_fn'),
+     'optax.contrib.sam',
+     'it hands the same updates to its optimizer and to its adversarial '
+     'optimizer and adds their outputs to the params, so the per-group '
+     'updates (in whichever of the two has no grain()) put a group axis '
+     'into the params',
+     'optax.chain(grain_optax.grain(), optax.contrib.sam(optimizer, '
+     'adv_optimizer)), which hands both optimizers the GRAIN update'),
+    (('optax', 'contrib', '_mechanic.py'), ('update_fn',),
+     'optax.contrib.mechanize',
+     'it also takes its input, the per-group updates, as the gradient in its '
+     'own inner products with the params-shaped updates',
+     'optax.chain(grain_optax.grain(), optax.contrib.mechanize(inner))'),
+    (('optax', 'transforms', '_layouts.py'), ('update_fn',),
+     'optax.flatten',
+     'it concatenates the leaves of its input into one vector, so the '
+     'per-group updates lose their group axis before grain() sees them',
+     'optax.chain(grain_optax.grain(), optax.flatten(inner))'),
 )
 
 
@@ -393,7 +445,8 @@ def microbatch_mask(mask: Any, caller: str) -> jax.Array:
   return jnp.asarray(mask).astype(bool)
 
 
-def float_dtype(dtype: Any, name: str, caller: str) -> Any:
+def float_dtype(dtype: Any, name: str, caller: str, *,
+                hint: str = '') -> Any:
   """None, or ``dtype`` as a NumPy floating dtype; else a ValueError."""
   if dtype is None:
     return None
@@ -402,9 +455,44 @@ def float_dtype(dtype: Any, name: str, caller: str) -> Any:
   except TypeError:
     out = None
   if out is None or not jnp.issubdtype(out, jnp.floating):
-    raise ValueError(f'{caller}: {name}={dtype!r} is not a floating dtype; '
-                     'expected e.g. jnp.bfloat16, jnp.float32 or None.')
+    shown = repr(dtype) if out is None else out.name
+    raise ValueError(f'{caller}: {name}={shown} is not a floating dtype; '
+                     f'expected e.g. jnp.bfloat16, jnp.float32 or None{hint}.')
   return out
+
+
+def communication_dtype(dtype: Any, caller: str) -> Any:
+  """``communication_dtype``: None, or a float of float32's exponent range.
+
+  The group blocks and the update move unscaled, so a dtype of narrower
+  range (float16 up to 65504, the float8 types up to 448 or 57344) turns
+  large gradient entries into inf or NaN, and every group into a
+  non-finite one.
+
+  Raises:
+    ValueError: for a non-floating dtype, or one of narrower exponent range
+      or precision than bfloat16 (float16, the float8 and float4 types).
+  """
+  out = float_dtype(dtype, 'communication_dtype', caller)
+  if out is None:
+    return None
+  info, bf16 = jnp.finfo(out), jnp.finfo(jnp.bfloat16)
+  if info.maxexp < bf16.maxexp:
+    why = (f'its largest finite value is {float(info.max):.6g}, so a '
+           'gradient entry above that becomes non-finite in transit, its '
+           'group is left out as non-finite and, once every group is, the '
+           'update is all NaN')
+  elif info.nmant < bf16.nmant:
+    why = (f'it keeps {info.nmant} mantissa bits, fewer than bfloat16\'s '
+           f'{bf16.nmant}, and the blocks and the update would be rounded '
+           'to them')
+  else:
+    return out
+  raise ValueError(
+      f'{caller}: communication_dtype={out.name} is refused: the group blocks '
+      f'and the update move in it unscaled, and {why}. Use jnp.bfloat16 '
+      '(the exponent range of float32 at half the bytes), jnp.float32, or '
+      'None (each leaf in its own dtype).')
 
 
 GRAD_DTYPES = ('backward', 'params')
