@@ -187,7 +187,8 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
   """``(step, tx)``: a jitted ``step(params, opt_state, batch)`` and its tx.
 
   ``step`` returns ``(params, opt_state, loss)`` with params and optimizer
-  state donated. ``kind`` is ``'mean'``, ``'grain'`` or ``'lean'``; a suffix
+  state donated. ``kind`` is ``'mean'``, ``'grain'``, ``'monitor'``
+  (``grain(apply='mean')``) or ``'lean'``; a suffix
   ``'+<variant>'`` (experimental, see ``_gram_variants.py``) compiles the
   step with another Gram-matrix implementation (applied by
   :func:`compile_step`); a suffix ``'@params'`` takes the per-group
@@ -221,8 +222,12 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
       loss, grads = jax.value_and_grad(loss_fn)(params, batch)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
-  elif kind == 'grain':
-    tx = optax.chain(grain_optax.grain(num_groups=m, solver=solver), adamw())
+  elif kind in ('grain', 'monitor'):
+    # 'monitor': grain(apply='mean'), the mean applied, GRAIN computed and
+    # logged (what monitoring a run costs).
+    apply = 'mean' if kind == 'monitor' else 'grain'
+    tx = optax.chain(grain_optax.grain(num_groups=m, solver=solver,
+                                       apply=apply), adamw())
     grad_fn = _group_grad_fn(loss_fn, m, grad_dtype, group_exec)
 
     def step(params, opt_state, batch):

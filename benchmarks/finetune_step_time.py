@@ -81,7 +81,7 @@ def time_config(*, mode, batch, seq, method, groups, args):
       'device_busy_ms': profile.get('busy_ms'),
       'device_kernels': profile.get('kernels'),
       'mode': mode, 'lora_rank': lora_rank, 'batch': batch, 'seq': seq,
-      'method': method, 'groups': groups if method == 'grain' else 1,
+      'method': method, 'groups': groups if method != 'mean' else 1,
       'dtype': args.dtype, 'layers': args.layers or 6,
       'trainable_params': finetune_text.minilm.count_params(
           model, model.trainable()),
@@ -110,6 +110,8 @@ def main(argv=None):
   p.add_argument('--profile', action='store_true',
                  help='also measure device busy time per step (GPU profile)')
   p.add_argument('--json', default=None, help='also write JSON lines here')
+  p.add_argument('--monitor', action='store_true',
+                 help="also time monitor mode (grain(apply='mean')) per m")
   p.add_argument('--tiny', action='store_true',
                  help='CPU smoke run: 1 layer, batch 4 x 16 tokens, m = 2, '
                  '2 steps')
@@ -133,6 +135,8 @@ def main(argv=None):
       runs = [('mean', 1, None)] + [
           ('grain', g, b) for g in groups
           for b in args.gram_backends.split(',')]
+      if args.monitor:
+        runs += [('monitor', g, None) for g in groups]
       for method, m, gram_backend in runs:
         if batch % m:
           continue
@@ -153,7 +157,9 @@ def main(argv=None):
   for row in rows:
     base = next(r for r in rows if r['mode'] == row['mode']
                 and r['batch'] == row['batch'] and r['method'] == 'mean')
-    name = 'mean' if row['method'] == 'mean' else f"GRAIN m={row['groups']}"
+    name = ('mean' if row['method'] == 'mean' else
+            f"{'monitor' if row['method'] == 'monitor' else 'GRAIN'} "
+            f"m={row['groups']}")
     if row.get('gram_backend') not in (None, 'auto'):
       name += f" ({row['gram_backend']})"
     mode = (f"LoRA r={row['lora_rank']}" if row['lora_rank'] else 'full')

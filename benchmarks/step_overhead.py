@@ -44,7 +44,7 @@ def _parse(argv=None):
   p.add_argument('--config', choices=sorted(_gpt.CONFIGS), default='tiny')
   p.add_argument('--groups', type=int, nargs='+', default=[2, 4, 8, 16])
   p.add_argument('--modes', nargs='+', default=['grain', 'lean'],
-                 help="'grain', 'lean', or experimental 'grain+<variant>' / "
+                 help="'grain', 'monitor' (grain(apply='mean')), 'lean', or experimental 'grain+<variant>' / "
                  "'lean+<variant>' with a Gram variant of _gram_variants.py")
   p.add_argument('--gram_accuracy', type=int, nargs='*', default=[],
                  help='m values at which to compare the Gram variants with '

@@ -78,14 +78,16 @@ def make_optimizer(model, *, method, groups, accumulate, lr, total_steps,
       [optax.linear_schedule(0.0, lr, warm),
        optax.linear_schedule(lr, 0.0, max(1, total_steps - warm))], [warm])
   inner = optax.adamw(schedule, weight_decay=weight_decay)
-  if method == 'grain':
+  if method in ('grain', 'monitor'):
+    # 'monitor': the plain mean applied, GRAIN computed and logged.
+    apply = 'mean' if method == 'monitor' else 'grain'
     if accumulate > 1:
-      inner = grain_optax.accumulate(inner, every_k=accumulate)
-    tx = optax.chain(grain_optax.grain(num_groups=groups), inner)
+      inner = grain_optax.accumulate(inner, every_k=accumulate, apply=apply)
+    tx = optax.chain(grain_optax.grain(num_groups=groups, apply=apply), inner)
   elif method == 'mean':
     tx = optax.MultiSteps(inner, accumulate) if accumulate > 1 else inner
   else:
-    raise ValueError(f'method: mean or grain, not {method!r}')
+    raise ValueError(f'method: mean, grain or monitor, not {method!r}')
   return nnx.Optimizer(model, tx, wrt=model.trainable())
 
 
@@ -100,7 +102,8 @@ def make_train_step(model, optimizer, *, method, groups, donate=None):
   ``cos_mean`` (the same for the plain mean; negative: the groups conflict).
   """
   wrt = model.trainable()
-  if method == 'grain':
+  grouped = method in ('grain', 'monitor')
+  if grouped:
     group_grads = grain_optax.nnx_group_value_and_grad(loss_fn, groups, wrt=wrt)
   else:
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))
@@ -108,14 +111,14 @@ def make_train_step(model, optimizer, *, method, groups, donate=None):
 
   def step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    if method == 'grain':
+    if grouped:
       losses, grads = group_grads(model, batch)
       loss = losses.mean()
     else:
       loss, grads = grad_fn(model, batch)
     optimizer.update(model, grads)
     metrics = {'loss': loss}
-    if method == 'grain':
+    if grouped:
       stats = grain_optax.grain_statistics(optimizer.opt_state)['grain']
       metrics.update(cos=stats.min_cosine, cos_mean=stats.mean_min_cosine)
     return nnx.state((model, optimizer)), metrics
