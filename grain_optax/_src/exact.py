@@ -11,8 +11,12 @@ The backend is an explicit option (``min_norm_weights(exact_backend=...)``);
 when it is None, :func:`default_backend` reads the environment variable
 ``GRAIN_OPTAX_EXACT_BACKEND`` (``'auto'``, the default, or ``'xla'``) at trace
 time.
+
+The weights are differentiable (forward and reverse mode) by the implicit
+function theorem, not through the solver's loop: see :func:`weights_jvp`.
 """
 
+import functools
 import os
 import warnings
 from typing import Literal, Optional, Tuple
@@ -122,6 +126,9 @@ def solve(k: jax.Array, valid: jax.Array, tolerance: jax.typing.ArrayLike,
           backend: Backend) -> Tuple[jax.Array, jax.Array]:
   """The exact solver on a normalised Gram, on ``backend``.
 
+  Differentiable in ``k`` and ``regularization`` (see :func:`weights_jvp`);
+  the other arguments have zero derivative.
+
   Args:
     k: ``[m, m]`` normalised Gram (see :func:`solvers.normalize_gram`).
     valid: ``[m]`` bool, the groups that take part.
@@ -135,9 +142,16 @@ def solve(k: jax.Array, valid: jax.Array, tolerance: jax.typing.ArrayLike,
     ``(weights, iterations)``: ``[m]`` float32 weights on the simplex (NaN if
     no group takes part) and the int32 number of linear solves.
   """
-  valid_f = valid.astype(jnp.float32)
-  tolerance = jnp.asarray(tolerance, jnp.float32)
-  regularization = jnp.asarray(regularization, jnp.float32)
+  return _solve(k, valid.astype(jnp.float32),
+                jnp.asarray(tolerance, jnp.float32),
+                jnp.asarray(regularization, jnp.float32),
+                jnp.asarray(max_iterations, jnp.int32), backend)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _solve(k, valid_f, tolerance, regularization, max_iterations, backend):
+  """:func:`solve` on float32 arrays, with the derivative of its result."""
+  valid = valid_f > 0
 
   def on_xla(k, valid_f, tolerance, regularization):
     return wolfe.core(k, valid_f, tolerance, regularization, max_iterations,
@@ -173,12 +187,80 @@ def solve(k: jax.Array, valid: jax.Array, tolerance: jax.typing.ArrayLike,
     w, iterations = on_xla(*args)
   # Identical groups (equal rows of K, bit for bit) get equal weights: the
   # average over each class of duplicates changes neither d nor K w.
-  same = ((k == jnp.diagonal(k)[:, None]) & (k == jnp.diagonal(k)[None, :])
-          & valid[:, None] & valid[None, :])
   w = jnp.where(valid, jnp.maximum(w, 0.0), 0.0)
-  w = jnp.dot(same.astype(jnp.float32), w,
-              precision=jax.lax.Precision.HIGHEST) / jnp.maximum(
-      jnp.sum(same, axis=1), 1).astype(jnp.float32)
-  w = jnp.where(valid, w, 0.0)
+  w = jnp.where(valid, _average_duplicates(k, valid, w), 0.0)
   return w / jnp.sum(w), iterations
 
+
+def _average_duplicates(k: jax.Array, valid: jax.Array,
+                        w: jax.Array) -> jax.Array:
+  """``w`` averaged over each class of identical groups (equal rows of K)."""
+  same = ((k == jnp.diagonal(k)[:, None]) & (k == jnp.diagonal(k)[None, :])
+          & valid[:, None] & valid[None, :])
+  return jnp.dot(same.astype(jnp.float32), w,
+                 precision=jax.lax.Precision.HIGHEST) / jnp.maximum(
+      jnp.sum(same, axis=1), 1).astype(jnp.float32)
+
+
+def weights_jvp(k: jax.Array, valid: jax.Array, w: jax.Array,
+                regularization: jax.Array, dk: jax.Array,
+                dregularization: jax.Array) -> jax.Array:
+  r"""The derivative of the exact solver's weights (implicit function theorem).
+
+  The solver minimises :math:`w^\top A w` over the simplex, with
+  :math:`A = K + \epsilon I`. On the support :math:`S = \{i : w_i > 0\}`
+  the optimum solves the linear system
+
+  .. math::
+    \begin{bmatrix} A_{SS} & 1 \\ 1^\top & 0 \end{bmatrix}
+    \begin{bmatrix} w_S \\ -\lambda \end{bmatrix} =
+    \begin{bmatrix} 0 \\ 1 \end{bmatrix},
+
+  whose matrix is non-singular (:math:`A_{SS}` is positive definite for
+  :math:`\epsilon > 0`). While the support does not change (strict
+  complementarity, the generic case), differentiating it gives
+  :math:`dw_S` from the same matrix with right-hand side
+  :math:`[-dA_{SS}\, w_S;\ 0]`, and :math:`dw = 0` off the support. The
+  result is linear in ``(dk, dregularization)``, so reverse mode transposes
+  it (one solve with the same matrix); the solver's loop is never
+  differentiated.
+
+  Args:
+    k: ``[m, m]`` normalised Gram.
+    valid: ``[m]`` bool, the groups that take part.
+    w: ``[m]`` the solver's weights.
+    regularization: ``[]`` the ridge :math:`\epsilon`.
+    dk: ``[m, m]`` tangent of ``k``.
+    dregularization: ``[]`` tangent of the ridge.
+
+  Returns:
+    ``[m]`` float32 tangent of the weights, summing to 0.
+  """
+  m = k.shape[0]
+  hi = jax.lax.Precision.HIGHEST
+  on = valid & (w > 0)  # The support; empty for NaN weights.
+  eye = jnp.eye(m, dtype=jnp.float32)
+  pair = on[:, None] & on[None, :]
+  a = jnp.where(pair, k + regularization * eye, eye)
+  one = on.astype(jnp.float32)
+  corner = jnp.where(jnp.any(on), 0.0, 1.0)  # No support: dw = 0.
+  kkt = jnp.block([[a, one[:, None]], [one[None, :], corner[None, None]]])
+  w_s = jnp.where(on, w, 0.0)
+  da_w = jnp.dot(dk, w_s, precision=hi) + dregularization * w_s
+  rhs = jnp.concatenate([jnp.where(on, -da_w, 0.0),
+                         jnp.zeros([1], jnp.float32)])
+  dw = jnp.linalg.solve(kkt, rhs)[:m]
+  # As in the solver: identical groups share one weight.
+  return jnp.where(on, _average_duplicates(k, valid, dw), 0.0).astype(
+      jnp.float32)
+
+
+@_solve.defjvp
+def _solve_jvp(backend, primals, tangents):
+  k, valid_f, tolerance, regularization, max_iterations = primals
+  dk, _, _, dregularization, _ = tangents
+  w, iterations = _solve(k, valid_f, tolerance, regularization,
+                         max_iterations, backend)
+  dw = weights_jvp(k, valid_f > 0, w, regularization, dk, dregularization)
+  return (w, iterations), (dw, np.zeros(np.shape(iterations),
+                                        jax.dtypes.float0))

@@ -273,6 +273,14 @@ def min_norm_weights(
     projection onto the simplex. Approximate: stops at ``tolerance`` on the
     fixed-point error or after ``max_iterations`` steps.
 
+  Derivatives: the weights are differentiable in the Gram matrix (and so
+  in the group gradients), in forward and reverse mode (``jax.grad``
+  through a :func:`grain` step, meta-gradients). ``'exact'``: by the
+  implicit function theorem on the support (one linear solve of its KKT
+  system; zero derivative off the support), not through the solver's loop.
+  ``'projected_gradient'``: through its iterations, which is accurate only
+  once they have converged (a fixed ``stepsize`` and a tight ``tolerance``).
+
   Degenerate inputs: an all-zero Gram gives uniform weights (any convex weights
   are optimal and the combination is zero); groups whose diagonal is NaN or
   infinite are excluded (weight 0); if all groups are excluded the weights are
