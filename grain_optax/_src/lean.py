@@ -35,7 +35,9 @@ class GrainGrad(NamedTuple):
     losses: ``[m]`` the per-group losses :math:`L_i` (dtype of the loss).
     grads: the combined gradient :math:`d = \\sum_i w_i g_i`, shaped like the
       differentiated argument(s) (a tuple of trees if ``argnums`` is a
-      tuple), in their dtypes; all zeros if every group is non-finite.
+      tuple), in their dtypes; all NaN if every group that takes part is
+      non-finite (as :func:`grain` returns, for ``optax.apply_if_finite``),
+      all zeros if ``example_mask`` leaves no group.
     weights: ``[m]`` float32 min-norm convex weights (zero for excluded
       groups).
     gram: ``[m, m]`` float32 Gram matrix :math:`K_{ij} = \\langle g_i, g_j
