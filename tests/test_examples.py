@@ -1,8 +1,13 @@
 """The examples run, and GRAIN + AdamW trains a real model on real data."""
 
+import json
+import pathlib
+
 import numpy as np
 
 from _asserts import load_example
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def test_grain_adamw_trains_digits_to_95_percent():
   quickstart = load_example('quickstart')
@@ -20,3 +25,115 @@ def test_quickstart_prints_a_table(capsys):
   assert len(acc['grain']) == 2 and all(0.0 <= a <= 1.0 for a in acc['grain'])
   # 30 steps already learn something: far above chance (0.1).
   assert np.mean(acc['grain']) > 0.3
+
+
+def test_is_grain_worth_it_tiny(tmp_path, capsys):
+  """Monitor mode: one JSON line per step with metrics()' stable keys, a
+  plot, and a printed verdict with the conflict rate."""
+  monitor = load_example('is_grain_worth_it')
+  out = tmp_path / 'monitor'
+  summary = monitor.main(['--tiny', '--out', str(out)])
+  printed = capsys.readouterr().out
+  lines = (tmp_path / 'monitor.jsonl').read_text().splitlines()
+  assert len(lines) == 20                       # --tiny: 20 steps
+  rows = [json.loads(line) for line in lines]
+  assert [r['step'] for r in rows] == list(range(20))
+  for row in rows:
+    assert set(monitor.KEYS) <= set(row), sorted(row)
+    assert isinstance(row['grain/conflict'], bool)
+    assert 0.0 <= row['grain/norm_ratio'] <= 1.0 + 1e-6
+    assert row['grain/num_nonfinite'] == 0 and row['grain/num_excluded'] == 0
+  png = (tmp_path / 'monitor.png').read_bytes()
+  assert png.startswith(b'\x89PNG')
+  conflict_rate = np.mean([r['grain/conflict'] for r in rows])
+  assert f'conflict rate            {conflict_rate:.3f}' in printed
+  assert 'median norm ratio' in printed and 'effective groups' in printed
+  assert 'benchmarks/STABILITY.md' in printed and 'Try:' in printed
+  assert summary['conflict_rate'] == conflict_rate
+  # The update was the plain mean: AdamW trained the MLP (far above chance).
+  assert summary['mean_trained'] and summary['test_accuracy'] > 0.3
+  # metrics() outside jit: Python scalars, the last step's values.
+  assert summary['final_metrics']['grain/norm_ratio'] == rows[-1]['grain/norm_ratio']
+
+
+def _stability_rows():
+  """Cells of benchmarks/STABILITY.md's tables, as tuples of stripped text."""
+  text = (ROOT / 'benchmarks' / 'STABILITY.md').read_text()
+  return {tuple(c.strip() for c in line.strip().strip('|').split('|'))
+          for line in text.splitlines() if line.startswith('| ')}
+
+
+# (task, optimizer, lr, arm, mean score, failed seeds) of the learning-rate
+# sweeps, and (task, regime, method, mean score) at each method's own tuned
+# rate, that is_grain_worth_it.py quotes.
+_ARMS = {'mean': 'mean', 'grain': 'grain',
+         'mean_at_grain_length': 'mean@grain-norm',
+         'grain_at_mean_length': 'grain@mean-norm'}
+_SWEEP_CLAIMS = [
+    ('bbc', 'sgdm', '1e-3', 'mean', '0.897', None),
+    ('bbc', 'sgdm', '1e-3', 'grain', '0.567', None),
+    ('bbc', 'sgdm', '1e-3', 'mean_at_grain_length', '0.870', None),
+    ('bbc', 'sgdm', '1e-3', 'grain_at_mean_length', '0.746', None),
+    ('bbc', 'sgdm', '3e-3', 'mean', '0.906', None),
+    ('bbc', 'sgdm', '3e-3', 'grain', '0.594', None),
+    ('bbc', 'sgdm', '3e-3', 'mean_at_grain_length', '0.860', None),
+    ('bbc', 'sgdm', '3e-3', 'grain_at_mean_length', '0.201', '9'),
+    ('tweets', 'sgdm', '1e-3', 'mean', '0.601', None),
+    ('tweets', 'sgdm', '1e-3', 'grain', '0.461', None),
+    ('tweets', 'sgdm', '1e-3', 'mean_at_grain_length', '0.570', None),
+    ('tweets', 'sgdm', '3e-3', 'mean', '0.597', None),
+    ('tweets', 'sgdm', '3e-3', 'grain', '0.449', None),
+    ('tweets', 'sgdm', '3e-3', 'mean_at_grain_length', '0.582', None),
+    ('bbc', 'sgdm', '1e-2', 'mean', '0.204', '10'),
+    ('bbc', 'sgdm', '1e-2', 'grain', '0.476', '1'),
+    ('bbc', 'sgdm', '1e-2', 'mean_at_grain_length', '0.729', '1'),
+    ('bbc', 'sgdm', '1e-2', 'grain_at_mean_length', '0.188', '10'),
+    ('tweets', 'sgdm', '1e-2', 'mean', '0.299', '8'),
+    ('tweets', 'sgdm', '1e-2', 'grain', '0.393', '6'),
+    ('tweets', 'sgdm', '1e-2', 'mean_at_grain_length', '0.476', '6'),
+    ('tweets', 'sgdm', '1e-2', 'grain_at_mean_length', '0.311', '10'),
+    ('digits', 'sgdm', '1e0', 'mean', '0.156', '6'),
+    ('digits', 'sgdm', '1e0', 'grain', '0.294', '1'),
+    ('digits', 'sgdm', '1e0', 'mean_at_grain_length', '0.559', '1'),
+    ('digits', 'sgdm', '1e0', 'grain_at_mean_length', '0.104', '9'),
+    ('breast_cancer', 'sgdm', '3e0', 'mean', '0.532', '7'),
+    ('breast_cancer', 'sgdm', '3e0', 'grain', '0.856', '0'),
+    ('breast_cancer', 'sgdm', '3e0', 'mean_at_grain_length', '0.695', '4'),
+    ('digits', 'adamw', '1e-2', 'mean', '0.847', None),
+    ('digits', 'adamw', '1e-2', 'mean_at_grain_length', '0.843', None),
+    ('digits', 'adamw', '1e-2', 'grain_at_mean_length', '0.826', None),
+    ('digits', 'adamw', '1e-2', 'grain', '0.569', None),
+]
+_TUNED_CLAIMS = [
+    ('bbc', 'full', 'mean', '0.892'), ('bbc', 'full', 'grain', '0.884'),
+    ('bbc', 'lora', 'mean', '0.889'), ('bbc', 'lora', 'grain', '0.876'),
+    ('tweets', 'full', 'mean', '0.607'), ('tweets', 'full', 'grain', '0.585'),
+    ('tweets', 'lora', 'mean', '0.604'), ('tweets', 'lora', 'grain', '0.593'),
+    ('digits', 'full', 'mean', '0.846'), ('digits', 'full', 'grain', '0.842'),
+    ('breast_cancer', 'full', 'mean', '0.918'),
+    ('breast_cancer', 'full', 'grain', '0.908'),
+    ('diabetes', 'full', 'mean', '0.161'), ('diabetes', 'full', 'grain', '0.140'),
+]
+
+
+def test_is_grain_worth_it_quotes_stability_md():
+  """Every study number the verdict quotes is a cell of STABILITY.md."""
+  monitor = load_example('is_grain_worth_it')
+  text = ' '.join(' '.join(found) + ' ' + advice
+                  for _, found, advice in monitor.FINDINGS.values())
+  rows = _stability_rows()
+  for task, opt, lr, arm, score, failed in _SWEEP_CLAIMS:
+    match = [r for r in rows if len(r) == 12 and r[0] == task and r[1] == opt
+             and r[3] == lr and r[4] == _ARMS[arm] and r[2] in ('', 'adamw')]
+    assert len(match) == 1, (task, opt, lr, arm, match)
+    row = match[0]
+    assert row[6] == score, (task, opt, lr, arm, row)
+    assert score in text, score
+    if failed is not None:
+      assert row[9] == failed, (task, opt, lr, arm, row)
+      assert f'{score} ({failed}/10' in text, (score, failed)
+  for task, regime, method, score in _TUNED_CLAIMS:
+    match = [r for r in rows if len(r) == 15 and r[:3] == (task, regime, method)
+             and r[3].endswith('(own)')]
+    assert len(match) == 1 and match[0][5] == score, (task, regime, method, match)
+    assert score in text, score
