@@ -129,6 +129,15 @@ def test_batch_leaf_of_another_leading_size_is_rejected_naming_both():
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(grain_optax.group_value_and_grad(loss_fn, 2),
                    jnp.zeros(3), batch)
+  # One entry per group (a dropout key per group, as examples/flax_linen.py
+  # does) is not per example and is still split, one per group; with it,
+  # example_mask is still checked against B.
+  batch = {'a_key': jax.random.split(jax.random.key(0), 4),
+           'x': jnp.ones((8, 3)), 'y': jnp.arange(8.0), 'mask': jnp.ones(8)}
+  assert grain_optax.split_into_groups(batch, 4)['a_key'].shape == (4, 1)
+  fn = grain_optax.group_value_and_grad(_masked_loss, 4,
+                                        example_mask=lambda b: b['mask'])
+  assert jax.eval_shape(fn, jnp.zeros(3), batch)[2].shape == (4,)
 
 
 def test_accumulate_buffer_dtype_must_be_floating():

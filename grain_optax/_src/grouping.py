@@ -14,7 +14,9 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
   """Splits every leaf of ``batch`` along axis 0 into ``num_groups`` groups.
 
   Args:
-    batch: a pytree of arrays sharing the batch size ``B`` on axis 0.
+    batch: a pytree of arrays sharing the batch size ``B`` on axis 0; a
+      leaf may instead have ``num_groups`` entries on axis 0, one per group
+      (e.g. a dropout key per group), each group then getting its own.
     num_groups: the number of groups ``m`` (a Python or NumPy int); must
       divide ``B``.
 
@@ -24,8 +26,9 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
 
   Raises:
     ValueError: if ``num_groups < 1``, a leaf is a scalar, two leaves differ
-      in their size on axis 0, or the batch size is not divisible by
-      ``num_groups`` (the message names the leaves).
+      in their size on axis 0 (other than leaves of ``num_groups``
+      entries), or the batch size is not divisible by ``num_groups`` (the
+      message names the leaves).
 
   Example:
     >>> import jax.numpy as jnp
@@ -35,13 +38,15 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
   """
   num_groups = validation.check_num_groups(num_groups)
   leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
-  first = None  # The first leaf's (path, shape): its axis 0 is B.
+  first = None  # The first per-example leaf's (path, shape): axis 0 is B.
   for path, leaf in leaves:
     shape = tuple(getattr(leaf, 'shape', ()))
     if not shape:
       raise ValueError(
           f'grain_optax: batch leaf {validation.leaf_name(path)} is a scalar; '
           'every batch leaf needs a batch axis 0 to split into groups.')
+    if shape[0] == num_groups:
+      continue  # B itself, or one entry per group: either way one per group.
     if first is None:
       first = (path, shape)
     elif shape[0] != first[1][0]:
@@ -49,10 +54,11 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
           f'grain_optax: batch leaf {validation.leaf_name(path)} has size '
           f'{shape[0]} on axis 0 (shape {shape}), but batch leaf '
           f'{validation.leaf_name(first[0])} has {first[1][0]} (shape '
-          f'{first[1]}); every leaf of the batch must share the batch size B '
-          'on axis 0, which is split into groups. Pass what is not per '
-          'example (e.g. class weights) as another argument of loss_fn, '
-          'outside batch_argnums, or close over it.')
+          f'{first[1]}); every leaf of the batch must have the batch size B '
+          f'on axis 0 (or num_groups={num_groups}, one entry per group), '
+          'which is split into groups. Pass what is not per example (e.g. '
+          'class weights) as another argument of loss_fn, outside '
+          'batch_argnums, or close over it.')
     if shape[0] % num_groups:
       raise ValueError(
           f'grain_optax: batch leaf {validation.leaf_name(path)} has batch '
@@ -86,7 +92,9 @@ def group_mask_of(example_mask: Callable[..., Any], batches: Sequence[Any],
   mask = jnp.asarray(example_mask(*batches))
   sizes = [x.shape[0] for x in jax.tree_util.tree_leaves(list(batches))
            if getattr(x, 'shape', ())]
-  size = sizes[0] if sizes else None
+  # B: a leaf of num_groups entries may be one per group (split_into_groups).
+  per_example = [s for s in sizes if s != num_groups] or sizes
+  size = per_example[0] if per_example else None
   if (mask.ndim != 1 or mask.shape[0] % num_groups
       or (size is not None and mask.shape[0] != size)):
     of_batch = '' if size is None else f', but the batch has B = {size}'
