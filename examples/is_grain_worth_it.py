@@ -50,7 +50,7 @@ import quickstart  # pylint: disable=g-import-not-at-top,wrong-import-position
 import grain_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The keys of grain_optax.metrics() for grain() in first place of a chain.
-KEYS = ('grain/conflict', 'grain/mean_min_cosine', 'grain/update_min_cosine',
+KEYS = ('grain/count', 'grain/conflict', 'grain/mean_min_cosine', 'grain/update_min_cosine',
         'grain/min_norm_min_cosine', 'grain/norm_ratio',
         'grain/effective_groups', 'grain/num_nonfinite', 'grain/num_excluded',
         'grain/solver_iterations', 'grain/kkt_residual')

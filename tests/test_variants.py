@@ -246,7 +246,7 @@ def test_variant_state_resumes_bitwise_from_an_orbax_checkpoint(tmp_path):
 # metrics()
 
 
-KEYS = ('conflict', 'mean_min_cosine', 'update_min_cosine',
+KEYS = ('count', 'conflict', 'mean_min_cosine', 'update_min_cosine',
         'min_norm_min_cosine', 'norm_ratio', 'effective_groups',
         'num_nonfinite', 'num_excluded', 'solver_iterations', 'kkt_residual')
 
@@ -263,7 +263,7 @@ def test_metrics_outside_jit_are_python_scalars_for_any_logger():
   assert logs['grain/norm_ratio'] == pytest.approx(float(state.norm_ratio))
   json.dumps(logs)   # a JSON-lines log takes it as it is
   assert list(grain_optax.metrics(state, prefix='train/', sep='.'))[0] == (
-      'train/grain.conflict')
+      'train/grain.count')
 
 
 def test_metrics_inside_jit_are_arrays_and_find_every_grain_in_a_chain():

@@ -160,12 +160,14 @@ def grain_value_and_grad(
       ``'mean_at_grain_length'``: the mean's direction shortened to
       :math:`\|d\|`; ``'grain_at_mean_length'``: :math:`d`'s direction at
       the mean's length (zero when :math:`d = 0`). In this project's
-      MiniLM study (``benchmarks/STABILITY.md``) with SGD + momentum,
-      ``'grain'`` per example kept training at learning rates where the
-      mean diverged, ``'mean_at_grain_length'`` did best of all (the gain
-      is GRAIN's shorter step) and ``'grain_at_mean_length'`` diverged like
-      the mean; with AdamW none beat the mean. See
-      ``docs/when_grain_helps.md``.
+      study (``benchmarks/STABILITY.md``), fine-tuning MiniLM with SGD +
+      momentum and one example per group, ``'grain'`` kept training at
+      learning rates where the mean diverged, ``'mean_at_grain_length'``
+      did best of all (the gain is GRAIN's shorter step) and
+      ``'grain_at_mean_length'`` diverged like the mean; at tuned AdamW
+      learning rates ``'grain'`` did not beat the mean (MiniLM), nor did
+      the two rescaled arms (small MLPs). See ``docs/when_grain_helps.md``
+      and ``docs/guides/monitor.md``.
 
   Returns:
     A function with the signature of ``loss_fn`` returning a

@@ -12,6 +12,7 @@ Scalar = Union[bool, int, float, jax.Array]
 
 # name -> (GrainState field, Python type outside jit).
 _FIELDS = (
+    ('count', 'count', int),
     ('mean_min_cosine', 'mean_min_cosine', float),
     ('update_min_cosine', 'update_min_cosine', float),
     ('min_norm_min_cosine', 'min_cosine', float),
@@ -45,6 +46,10 @@ def metrics(x: Any, *, prefix: str = '', sep: str = '/'
   ==========================  ================================================
   key                         meaning
   ==========================  ================================================
+  ``count``                   updates so far (windows closed, for
+                              ``accumulate``; 1 for a :class:`GrainGrad`):
+                              the other values describe the last one; all
+                              are 0 while it is 0
   ``conflict``                the mean's worst group cosine is below 0: the
                               plain mean would raise some group's loss to
                               first order
@@ -65,8 +70,12 @@ def metrics(x: Any, *, prefix: str = '', sep: str = '/'
 
   Keys are ``f'{prefix}{name}{sep}{key}'``, e.g. ``'grain/norm_ratio'``. Under
   ``jax.jit`` (any value a tracer) the values are scalar arrays, to return
-  from the step; outside, Python ``bool``, ``int`` and ``float``, ready for
-  ``json.dumps``, a progress bar or a metrics writer.
+  from the step (``jax.jit`` returns a dict's keys sorted); outside, Python
+  ``bool``, ``int`` and ``float`` (one device-to-host transfer), ready for
+  ``json.dumps``, a progress bar or a metrics writer. Steps where no group
+  took part or every group was non-finite read 0 in the cosines, ratios and
+  ``effective_groups``: leave them out of averages (``num_nonfinite`` and
+  ``num_excluded`` say which).
 
   Args:
     x: a :class:`GrainState`, an :class:`AccumulateState`, a
@@ -95,15 +104,20 @@ def metrics(x: Any, *, prefix: str = '', sep: str = '/'
   for name, src in _sources(x).items():
     base = f'{prefix}{name}{sep}'
     values = {key: jnp.asarray(getattr(src, field))
-              for key, field, _ in _FIELDS}
+              for key, field, _ in _FIELDS if key != 'count'}
+    # GrainGrad describes one solve (a NamedTuple's .count is a method).
+    values['count'] = (jnp.ones([], jnp.int32)
+                       if isinstance(src, lean.GrainGrad)
+                       else jnp.asarray(src.count))
     conflict = values['mean_min_cosine'] < 0
-    row = {'conflict': conflict, **values}
+    row = {'count': values.pop('count'), 'conflict': conflict, **values}
     if concrete is None:
       concrete = not any(isinstance(v, jax.core.Tracer)
                          for v in jax.tree_util.tree_leaves(src))
-    if concrete:
-      types = {key: kind for key, _, kind in _FIELDS}
-      types['conflict'] = bool
-      row = {k: types[k](v.item()) for k, v in row.items()}
     out.update({base + k: v for k, v in row.items()})
+  if concrete:
+    types = {key: kind for key, _, kind in _FIELDS}
+    types['conflict'] = bool
+    host = jax.device_get(out)
+    out = {k: types[k.rsplit(sep, 1)[-1]](host[k].item()) for k in out}
   return out
