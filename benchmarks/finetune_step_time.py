@@ -41,8 +41,9 @@ def time_config(*, mode, batch, seq, method, groups, args):
   optimizer = finetune_text.make_optimizer(
       model, method=method, groups=groups, accumulate=1, lr=1e-5,
       total_steps=10_000)
-  step, state = finetune_text.make_train_step(model, optimizer, method=method,
-                                              groups=groups)
+  step, state, _ = finetune_text.make_train_step(
+      model, optimizer, method=method, groups=groups,
+      flat=not args.nnx_state)
   rng = np.random.default_rng(0)
   data = {
       # Token ids past the special tokens, every position a real token.
@@ -110,6 +111,9 @@ def main(argv=None):
   p.add_argument('--profile', action='store_true',
                  help='also measure device busy time per step (GPU profile)')
   p.add_argument('--json', default=None, help='also write JSON lines here')
+  p.add_argument('--nnx-state', action='store_true',
+                 help='pass the nnx.State to the jitted step (the slow '
+                 'pattern) instead of its flat list of arrays')
   p.add_argument('--monitor', action='store_true',
                  help="also time monitor mode (grain(apply='mean')) per m")
   p.add_argument('--tiny', action='store_true',

@@ -43,8 +43,9 @@ def build(args):
   optimizer = finetune_text.make_optimizer(
       model, method=args.method, groups=args.groups, accumulate=1, lr=1e-5,
       total_steps=10_000)
-  step, state = finetune_text.make_train_step(
-      model, optimizer, method=args.method, groups=args.groups)
+  step, state, _ = finetune_text.make_train_step(
+      model, optimizer, method=args.method, groups=args.groups,
+      flat=not args.nnx_state)
   rng = np.random.default_rng(0)
   data = {
       'input_ids': rng.integers(1000, 30000,
@@ -125,6 +126,8 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--trace-steps', type=int, default=5)
   p.add_argument('--label', default='')
+  p.add_argument('--nnx-state', action='store_true',
+                 help='pass the nnx.State (slow pattern), not flat arrays')
   p.add_argument('--json', default=None)
   p.add_argument('--tiny', action='store_true')
   args = p.parse_args(argv)
@@ -164,6 +167,7 @@ def main(argv=None):
       else 1, 'batch': args.batch, 'seq': args.seq, 'dtype': args.dtype,
       'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'nnx_state': args.nnx_state,
       'env': {k: v for k, v in os.environ.items()
               if k.startswith('GRAIN_OPTAX')},
       'ms_per_step': statistics.median(per_step),

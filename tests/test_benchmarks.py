@@ -73,3 +73,15 @@ def test_peer_torchjd_tiny(tmp_path):
       ['--config', 'tiny', '--groups', '2', '--inner', '1', '--reps', '1',
        '--json', str(tmp_path / 'peer.jsonl')])
   assert rows[0]['step'] == 'torch mean' and rows[0]['ms'] > 0
+
+
+def test_host_profile_tiny(tmp_path):
+  # The MiniLM step (one layer, batch 4 x 16) timed and traced on the CPU:
+  # one row with the step's wall clock, dispatch time and HLO counts.
+  out = tmp_path / 'host.jsonl'
+  row = _module('host_profile').main(
+      ['--tiny', '--mode', 'lora', '--method', 'monitor', '--json', str(out)])
+  assert row['method'] == 'monitor' and row['groups'] == 2
+  assert row['ms_per_step'] > 0 and row['dispatch_ms'] > 0
+  assert row['input_leaves'] > 50   # the flat list of the state's arrays
+  assert json.loads(out.read_text().splitlines()[-1])['label'] == ''
