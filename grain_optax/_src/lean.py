@@ -20,8 +20,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from grain_optax._src import gram as gram_lib
 from grain_optax._src import grouping
-from grain_optax._src import min_norm_point as mnp_lib
 from grain_optax._src import solvers
 from grain_optax._src import state as state_lib
 from grain_optax._src import validation
@@ -67,6 +67,33 @@ class GrainGrad(NamedTuple):
   update_min_cosine: jax.Array
   effective_groups: jax.Array
   num_excluded: jax.Array
+
+
+def _first_pass_gram(per_group: Any) -> jax.Array:
+  """The Gram of the first pass's group gradients, one buffer per leaf.
+
+  XLA rewrites a dot that contracts several axes of ``[m, *param_shape]``
+  into an ``[m, P] x [P, m]`` product, and XLA:CPU then writes the leaf out
+  twice, once in each layout; from jaxlib 0.11 its scheduler also lets two
+  leaves' pairs overlap (four buffers of ``m`` gradients of a leaf live at
+  once). Contracting an ``[m, P]`` view instead gives the dot one operand
+  that it reads twice: one buffer per leaf. Only on the CPU, and only for
+  leaves whose type names no mesh; elsewhere the axes are contracted in
+  place, as :func:`gram_matrix` does (the reshape would make the partitioner
+  gather a leaf sharded along a minor axis).
+  """
+  leaves = jax.tree_util.tree_leaves(per_group)
+
+  def as_matrix(x):
+    if x.ndim <= 2 or not jax.typeof(x).sharding.mesh.empty:
+      return x
+    return x.reshape(x.shape[0], -1)
+
+  def on_cpu(*xs):
+    return gram_lib.gram_of_leaves([as_matrix(x) for x in xs])
+
+  return jax.lax.platform_dependent(
+      *leaves, cpu=on_cpu, default=lambda *xs: gram_lib.gram_of_leaves(xs))
 
 
 def grain_value_and_grad(
@@ -236,7 +263,8 @@ def grain_value_and_grad(
     if example_mask is not None:
       mask = grouping.group_mask_of(
           example_mask, [args[i] for i in batch_idx], num_groups, caller)
-    gram, sol = mnp_lib.gram_and_solution(per_group, solve, mask)
+    gram = _first_pass_gram(per_group)
+    sol = solve(gram, mask)
     weights = jax.lax.stop_gradient(sol.weights)
     coef = jax.lax.stop_gradient(
         variants.coefficients(apply, gram, weights, mask))
