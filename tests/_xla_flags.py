@@ -19,9 +19,28 @@ import os
 import subprocess
 import sys
 
-FAST_COMPILE_FLAGS = ('--xla_cpu_use_fusion_emitters=false '
-                      '--xla_backend_optimization_level=0 '
+FAST_COMPILE_FLAGS = ('--xla_cpu_use_fusion_emitters=false',
+                      '--xla_backend_optimization_level=0',
                       '--xla_llvm_disable_expensive_passes=true')
+# The flags this XLA accepted (a newer jaxlib may reject some: 0.11 and later
+# reject --xla_cpu_use_fusion_emitters), as the probe found them.
+_CHOSEN = 'GRAIN_OPTAX_TEST_FAST_FLAGS'
+
+_PROBE = ('import jax, jax.numpy as jnp; '
+          'jax.jit(lambda x: x + 1)(jnp.zeros(2)).block_until_ready(); '
+          'print(jax.default_backend())')
+
+
+def _accepted(flags):
+  """True if JAX runs on the CPU with ``flags`` added to XLA_FLAGS."""
+  env = dict(os.environ,
+             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + flags).strip())
+  try:
+    proc = subprocess.run([sys.executable, '-c', _PROBE], capture_output=True,
+                          text=True, timeout=120, env=env)
+  except subprocess.TimeoutExpired:
+    return False
+  return proc.returncode == 0 and proc.stdout.strip().endswith('cpu')
 
 
 def use_fast_compile_flags():
@@ -29,27 +48,27 @@ def use_fast_compile_flags():
     return
   if fast_flags_active():
     return  # Set by the pytest process that started this one.
-  flags = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE_FLAGS).strip()
-  probe = ('import jax, jax.numpy as jnp; '
-           'jax.jit(lambda x: x + 1)(jnp.zeros(2)).block_until_ready(); '
-           'print(jax.default_backend())')
-  try:
-    proc = subprocess.run([sys.executable, '-c', probe], capture_output=True,
-                          text=True, timeout=120,
-                          env=dict(os.environ, XLA_FLAGS=flags))
-  except subprocess.TimeoutExpired:
+  chosen = ' '.join(FAST_COMPILE_FLAGS)
+  if not _accepted(chosen):
+    # One flag unknown to this XLA aborts the process: keep those it takes.
+    chosen = ' '.join(f for f in FAST_COMPILE_FLAGS if _accepted(f))
+  if not chosen:
     return
-  if proc.returncode == 0 and proc.stdout.strip().endswith('cpu'):
-    os.environ['XLA_FLAGS'] = flags
+  os.environ[_CHOSEN] = chosen
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' +
+                             chosen).strip()
 
 
 def fast_flags_active() -> bool:
-  return FAST_COMPILE_FLAGS in os.environ.get('XLA_FLAGS', '')
+  chosen = os.environ.get(_CHOSEN)
+  return bool(chosen) and chosen in os.environ.get('XLA_FLAGS', '')
 
 
 def default_flags_env() -> dict:
   """This process's environment with XLA's default compile flags."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(FAST_COMPILE_FLAGS, '')
+  chosen = env.pop(_CHOSEN, '')
+  if chosen:
+    env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(chosen, '').strip()
   env['GRAIN_OPTAX_TEST_FAST_COMPILE'] = '0'
   return env
