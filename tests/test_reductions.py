@@ -164,3 +164,19 @@ def test_layers_scanned_over_have_their_sums_split():
                                  atol=1e-8)
   close(g1['b'], g0['b'])
   close(g1['k'], g0['k'])
+
+
+def test_a_failing_rewrite_falls_back_to_the_traced_function(monkeypatch):
+  # A JAX release that changes what the rewrite reads must not break
+  # training: the function runs as traced, with a warning naming the error.
+  from grain_optax._src import reductions  # pylint: disable=g-import-not-at-top
+
+  def broken(*args, **kwargs):
+    raise AttributeError('no such jaxpr field')
+
+  monkeypatch.setattr(reductions, '_eval', broken)
+  x = jnp.arange(4096.0).reshape(64, 64)
+  fn = lambda x: jnp.sum(x, axis=0)
+  with pytest.warns(RuntimeWarning, match='split_sums.*no such jaxpr field'):
+    out = reductions.split_leading_sums(fn)(x)
+  np.testing.assert_array_equal(out, fn(x))

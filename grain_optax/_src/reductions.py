@@ -18,6 +18,7 @@ Sums in the body of a ``lax.scan`` (layers scanned over) or a
 """
 
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -176,12 +177,25 @@ def split_leading_sums(fun: Callable[..., Any]) -> Callable[..., Any]:
     fun: a function of arrays (pytrees) to arrays (pytrees).
 
   Returns:
-    A function with the signature and results of ``fun``.
+    A function with the signature and results of ``fun``. If the rewrite
+    raises (a JAX release that changed what it reads), ``fun`` runs as
+    traced, with a ``RuntimeWarning`` naming the error.
   """
 
   def wrapped(*args):
     closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*args)
-    outs = _eval(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+    try:
+      outs = _eval(closed.jaxpr, closed.consts,
+                   jax.tree_util.tree_leaves(args))
+    except Exception as e:  # pylint: disable=broad-except
+      # The rewrite reads JAX internals (jaxpr equations, primitive params)
+      # that a JAX release may change: run the function as traced instead.
+      warnings.warn(
+          'grain_optax: split_sums could not rewrite the per-group sums '
+          f'({type(e).__name__}: {e}); running them as traced (same '
+          'gradients, slower per-group sums on GPUs). Pass split_sums=False '
+          'to skip the rewrite.', RuntimeWarning, stacklevel=2)
+      return fun(*args)
     return jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(out_shape), outs)
 
