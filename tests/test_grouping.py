@@ -239,3 +239,22 @@ def test_backward_dtype_keeps_the_lean_mode_losses():
   np.testing.assert_allclose(out.weights, ref.weights, atol=1e-6)
   np.testing.assert_allclose(out.grads['w'], ref.grads['w'], rtol=1e-5,
                              atol=1e-7)
+
+
+def test_a_failing_dtype_analysis_keeps_the_params_dtypes(monkeypatch):
+  # A JAX release that changes the jaxpr the analysis reads must not break
+  # training: no leaf is narrowed, with a warning naming the error.
+  from grain_optax._src import backward_dtype  # pylint: disable=g-import-not-at-top
+
+  def broken(*args, **kwargs):
+    raise KeyError('jaxpr')
+
+  monkeypatch.setattr(backward_dtype, '_narrow_dtype', broken)
+  params, batch = _mixed_params(), _mixed_batch()
+  with pytest.warns(RuntimeWarning, match="grad_dtype='backward'.*KeyError"):
+    losses, grads = grain_optax.group_value_and_grad(_mixed_loss, 4)(
+        params, batch)
+  assert all(g.dtype == jnp.float32 for g in grads.values())
+  ref_losses, _ = grain_optax.group_value_and_grad(
+      _mixed_loss, 4, grad_dtype='params')(params, batch)
+  np.testing.assert_array_equal(losses, ref_losses)

@@ -29,6 +29,7 @@ program (dtype reads, branches, outputs) is the one traced on the original
 leaves. Only the variable of differentiation changes, to the narrow copy.
 """
 
+import warnings
 from typing import Any, Callable, List, Optional
 
 import jax
@@ -118,7 +119,18 @@ def narrowed(fn: Callable[..., Any], leaves: List[Any]
   the same dtypes wherever it reads them (``x.astype(w.dtype)``,
   ``jnp.finfo(w.dtype)``), while the gradient comes in the narrower dtype.
   """
-  dtypes = narrow_dtypes(fn, leaves)
+  try:
+    dtypes = narrow_dtypes(fn, leaves)
+  except Exception as e:  # pylint: disable=broad-except
+    # The analysis reads JAX internals (jaxpr equations, primitive params)
+    # that a JAX release may change; an error of the loss itself is raised
+    # again by the call that follows. Keep every dtype.
+    warnings.warn(
+        "grain_optax: grad_dtype='backward' could not analyse the loss "
+        f"({type(e).__name__}: {e}); every gradient keeps its parameter's "
+        "dtype. Pass grad_dtype='params' to skip the analysis.",
+        RuntimeWarning, stacklevel=3)
+    return None
   if not any(dtypes):
     return None
   return [x if d is None else jnp.asarray(x).astype(d)
