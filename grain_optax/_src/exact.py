@@ -114,9 +114,8 @@ def probe_pallas(interpret: bool = False) -> np.ndarray:
 
 
 # The kernel runs as one GPU program, so its n^3 factorisation is serial
-# work: measured on an H200 (benchmarks/qp_solvers.py), 0.02-0.04 ms of device
-# time up to m = 32, but 0.54 ms at m = 64 and 5.1 ms at m = 128, where XLA's
-# cuSOLVER path takes 0.11 and 0.63 ms. Larger problems run under XLA.
+# work: beyond m = 32 XLA's cuSOLVER path is faster (benchmarks/RESULTS.md,
+# section 2, `benchmarks/qp_solvers.py`). Larger problems run under XLA.
 _KERNEL_MAX_GROUPS = 32
 
 

@@ -2,10 +2,9 @@
 
 XLA compiles the Gram of one ``[m, P]`` leaf (``m`` a few groups, ``P``
 millions of parameters) into batched ``[m, C] @ [C, m]`` products whose
-kernels read the gradients at a fraction of the memory bandwidth: on an H100
-the Gram of the 91.5 M-parameter GPT of ``benchmarks/_gpt.py`` took 1.6 ms at
-m = 4, where reading the gradients once takes about 0.25 ms
-(benchmarks/RESULTS.md, section 1d).
+kernels read the gradients at a fraction of the memory bandwidth (on the GPT
+of ``benchmarks/_gpt.py``, several times the time of reading the gradients
+once: benchmarks/RESULTS.md, section 1d).
 
 The kernel here reads each leaf once, as a free reshape to ``[r, r P / m]``
 with ``r = max(16, m)`` rows (row ``(i, q)`` holds the ``q``-th of ``r / m``
@@ -44,8 +43,8 @@ from grain_optax._src import kernel_probe
 ENVIRONMENT_VARIABLE = 'GRAIN_OPTAX_GRAM_BACKEND'
 
 # Columns each loop step of a program multiplies, and the largest and
-# smallest columns one program covers: swept on an H100 (benchmarks/
-# step_overhead.py --gram_tune; 2 warps and 128 columns were fastest).
+# smallest columns one program covers, from a sweep (benchmarks/
+# step_overhead.py --gram_tune; benchmarks/RESULTS.md, section 1d).
 CHUNK = 128
 MAX_SPAN = 8192
 MIN_SPAN = 256
@@ -94,8 +93,8 @@ def supported(shape, dtype) -> bool:
   """Whether the kernel takes a ``[m, *param_shape]`` leaf of ``dtype``.
 
   ``m`` must be a power of two up to 64, the dtype bfloat16 or float16 (a
-  float32 leaf in the kernel's IEEE float32 dot measured slower than XLA's
-  on an H100), a group's slice at least ``SMALL`` entries, and (for ``m < 16``)
+  float32 leaf in the kernel's IEEE float32 dot measured slower than XLA's;
+  benchmarks/RESULTS.md, section 1d), a group's slice at least ``SMALL`` entries, and (for ``m < 16``)
   divisible into ``16 / m`` equal parts.
   """
   dtype = jnp.dtype(dtype)

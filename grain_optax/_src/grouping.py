@@ -162,9 +162,8 @@ def group_value_and_grad(
       leading (example, token) axes in the per-group loss and backward pass,
       such as a bias or LayerNorm gradient, runs as 16 float32 partial sums
       and their sum: under ``vmap``, XLA's GPU code for the one-stage
-      per-group sum is about 4x slower than for the whole batch's (on the
-      GPT of the benchmarks it took GRAIN's step from x1.02 to x1.10 of the
-      mean's at m = 4). Sums of at least 1024 elements per group that keep
+      per-group sum runs at a fraction of the memory bandwidth
+      (``benchmarks/RESULTS.md``, section 1e). Sums of at least 1024 elements per group that keep
       at least 64 values are split, at the loss's top level, inside nested
       ``jax.jit`` and in the bodies of ``lax.scan`` (layers scanned over)
       and ``jax.checkpoint``; those inside ``custom_vjp``, ``cond`` or

@@ -3,10 +3,10 @@
 Under ``vmap`` over groups, the gradient of a bias (and of a LayerNorm
 scale or bias) is a sum of ``[m, n, ..., d]`` over the examples and tokens of
 each group, keeping the group axis and the features. XLA's GPU code for such
-a batched column reduction runs at a fraction of the memory bandwidth, about
-4x slower than the same sum over the whole batch; on the GPT of
-``benchmarks/_gpt.py`` at m = 4 it cost more than half of GRAIN's step-time
-overhead (``benchmarks/RESULTS.md``, section 1e).
+a batched column reduction runs at a fraction of the memory bandwidth, well
+below the same sum over the whole batch; on the GPT of
+``benchmarks/_gpt.py`` it was most of GRAIN's step-time overhead
+(``benchmarks/RESULTS.md``, section 1e).
 
 :func:`split_leading_sums` rewrites a function's jaxpr so that each such sum
 runs in two stages: ``PARTS`` partial sums in float32 (fused by XLA with the

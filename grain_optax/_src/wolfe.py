@@ -30,7 +30,7 @@ _REFINEMENT_STEPS = 2
 # single Pallas kernel. On the GPU that matters more than the arithmetic: each
 # trip of an XLA while loop, and each lax.cond, copies a predicate to the host
 # and waits for it, which stalls the training step's launch pipeline
-# (measured on an H100: a GRAIN step spent 9.6 ms of 33 ms idle that way).
+# (benchmarks/RESULTS.md, "Short steps: where the host time goes").
 
 
 def cholesky_factor(a: jax.Array) -> Callable[[jax.Array], jax.Array]:
