@@ -94,8 +94,8 @@ def supported(shape, dtype) -> bool:
 
   ``m`` must be a power of two up to 64, the dtype bfloat16 or float16 (a
   float32 leaf in the kernel's IEEE float32 dot measured slower than XLA's;
-  benchmarks/RESULTS.md, section 1d), a group's slice at least ``SMALL`` entries, and (for ``m < 16``)
-  divisible into ``16 / m`` equal parts.
+  benchmarks/RESULTS.md, section 1d), a group's slice at least ``SMALL``
+  entries, and (for ``m < 16``) divisible into ``16 / m`` equal parts.
   """
   dtype = jnp.dtype(dtype)
   if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or (

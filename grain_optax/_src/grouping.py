@@ -163,8 +163,8 @@ def group_value_and_grad(
       such as a bias or LayerNorm gradient, runs as 16 float32 partial sums
       and their sum: under ``vmap``, XLA's GPU code for the one-stage
       per-group sum runs at a fraction of the memory bandwidth
-      (``benchmarks/RESULTS.md``, section 1e). Sums of at least 1024 elements per group that keep
-      at least 64 values are split, at the loss's top level, inside nested
+      (``benchmarks/RESULTS.md``, section 1e). Sums of at least 1024
+      elements per group that keep at least 64 values are split, at the loss's top level, inside nested
       ``jax.jit`` and in the bodies of ``lax.scan`` (layers scanned over)
       and ``jax.checkpoint``; those inside ``custom_vjp``, ``cond`` or
       ``while_loop`` are left as they are. The gradients are the same up
