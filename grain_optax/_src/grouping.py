@@ -164,9 +164,9 @@ def group_value_and_grad(
       and their sum: under ``vmap``, XLA's GPU code for the one-stage
       per-group sum runs at a fraction of the memory bandwidth
       (``benchmarks/RESULTS.md``, section 1e). Sums of at least 1024
-      elements per group that keep at least 64 values are split, at the loss's top level, inside nested
-      ``jax.jit`` and in the bodies of ``lax.scan`` (layers scanned over)
-      and ``jax.checkpoint``; those inside ``custom_vjp``, ``cond`` or
+      elements per group that keep at least 64 values are split, at the
+      loss's top level, inside nested ``jax.jit`` and in the bodies of
+      ``lax.scan`` (layers scanned over) and ``jax.checkpoint``; those inside ``custom_vjp``, ``cond`` or
       ``while_loop`` are left as they are. The gradients are the same up
       to float rounding (float32 accumulation); ``False`` runs the backward
       pass exactly as JAX traces it.
