@@ -166,8 +166,9 @@ def group_value_and_grad(
       (``benchmarks/RESULTS.md``, section 1e). Sums of at least 1024
       elements per group that keep at least 64 values are split, at the
       loss's top level, inside nested ``jax.jit`` and in the bodies of
-      ``lax.scan`` (layers scanned over) and ``jax.checkpoint``; those inside ``custom_vjp``, ``cond`` or
-      ``while_loop`` are left as they are. The gradients are the same up
+      ``lax.scan`` (layers scanned over) and ``jax.checkpoint``; those
+      inside ``custom_vjp``, ``cond`` or ``while_loop`` are left as they
+      are. The gradients are the same up
       to float rounding (float32 accumulation); ``False`` runs the backward
       pass exactly as JAX traces it.
 
