@@ -151,11 +151,9 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
         if new is not None:
           is_remat = eqn.primitive is jex.core.primitives.remat_p
           params['jaxpr'] = new.jaxpr if is_remat else new
-      bind = eqn.primitive.get_bind_params(params)
-      # JAX releases before 0.5 return (subfuns, params), later ones params.
-      subfuns, params = bind if isinstance(bind, tuple) else ((), bind)
+      params = eqn.primitive.get_bind_params(params)
       with eqn.ctx.manager:
-        out = eqn.primitive.bind(*subfuns, *invals, **params)
+        out = eqn.primitive.bind(*invals, **params)
       outs = out if eqn.primitive.multiple_results else [out]
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
