@@ -428,6 +428,21 @@ def _categorize(name: str) -> str:
   return 'other'
 
 
+def union_ns(intervals) -> float:
+  """Total length of the union of ``(start, end)`` intervals."""
+  busy, cur_s, cur_e = 0.0, None, None
+  for s, e in sorted(intervals):
+    if cur_e is None or s > cur_e:
+      if cur_e is not None:
+        busy += cur_e - cur_s
+      cur_s, cur_e = s, e
+    else:
+      cur_e = max(cur_e, e)
+  if cur_e is not None:
+    busy += cur_e - cur_s
+  return busy
+
+
 def profile_device(run, *, steps: int = 3):
   """Device-side profile of ``steps`` calls of ``run()`` (blocking each).
 
@@ -464,15 +479,7 @@ def profile_device(run, *, steps: int = 3):
   if not events:
     return {}
   events.sort()
-  busy, cur_s, cur_e = 0.0, None, None
-  for s, e, _ in events:
-    if cur_e is None or s > cur_e:
-      if cur_e is not None:
-        busy += cur_e - cur_s
-      cur_s, cur_e = s, e
-    else:
-      cur_e = max(cur_e, e)
-  busy += cur_e - cur_s
+  busy = union_ns([(s, e) for s, e, _ in events])
   per_cat, per_name = {}, {}
   for s, e, name in events:
     cat = _categorize(name)

@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent
                        / 'examples'))
+import _gpt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import finetune_text  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -80,17 +81,7 @@ def summarize(trace_dir, steps):
         host[key] = (n + 1, t + (e.end_ns - e.start_ns))
   out = {}
   if device:
-    device.sort()
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in device:
-      if cur_e is None or s > cur_e:
-        if cur_e is not None:
-          busy += cur_e - cur_s
-        cur_s, cur_e = s, e
-      else:
-        cur_e = max(cur_e, e)
-    busy += cur_e - cur_s
-    out['device_busy_ms'] = busy * 1e-6 / steps
+    out['device_busy_ms'] = _gpt.union_ns(device) * 1e-6 / steps
     out['device_kernels'] = len(device) / steps
   rows = sorted(host.items(), key=lambda kv: -kv[1][1])
   out['host_events'] = [

@@ -112,7 +112,7 @@ def narrowed(fn: Callable[..., Any], leaves: List[Any]
 
   None when no leaf narrows, so that callers keep their inputs untouched.
   Differentiate with respect to the narrowed leaves, but run the loss on
-  :func:`widened` ones (:func:`widen_inputs`): a narrowed leaf cast back to
+  them cast back by :func:`widened`: a narrowed leaf cast back to
   its own dtype and then by the loss's one cast gives the very value the loss
   saw before (a narrower float widened and narrowed again is unchanged), so
   the loss computes exactly what it computes on the original leaves, with
