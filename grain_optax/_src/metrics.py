@@ -103,14 +103,13 @@ def metrics(x: Any, *, prefix: str = '', sep: str = '/'
   concrete = None
   for name, src in _sources(x).items():
     base = f'{prefix}{name}{sep}'
+    # GrainGrad describes one solve (a NamedTuple's .count is a method).
+    count = (jnp.ones([], jnp.int32) if isinstance(src, lean.GrainGrad)
+             else jnp.asarray(src.count))
     values = {key: jnp.asarray(getattr(src, field))
               for key, field, _ in _FIELDS if key != 'count'}
-    # GrainGrad describes one solve (a NamedTuple's .count is a method).
-    values['count'] = (jnp.ones([], jnp.int32)
-                       if isinstance(src, lean.GrainGrad)
-                       else jnp.asarray(src.count))
-    conflict = values['mean_min_cosine'] < 0
-    row = {'count': values.pop('count'), 'conflict': conflict, **values}
+    row = {'count': count, 'conflict': values['mean_min_cosine'] < 0,
+           **values}
     if concrete is None:
       concrete = not any(isinstance(v, jax.core.Tracer)
                          for v in jax.tree_util.tree_leaves(src))
