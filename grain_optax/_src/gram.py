@@ -100,17 +100,25 @@ def xla_gram(*leaves: jax.Array) -> jax.Array:
 
 
 def gram_of_leaves(leaves: Sequence[jax.Array],
-                   param_axes: Tuple[Any, ...] = ()) -> jax.Array:
+                   param_axes: Tuple[Any, ...] = (), *,
+                   backend: Optional[str] = None) -> jax.Array:
   """:func:`gram_matrix` of checked leaves (``param_axes`` bound, tracked).
 
   On one CUDA GPU the large leaves go through :mod:`gram_kernel`'s kernel;
-  elsewhere each leaf is one XLA dot.
+  elsewhere each leaf is one XLA dot. ``backend`` (``'auto'`` or ``'xla'``;
+  None: the environment's default) is ``SolverOptions.gram_backend``.
   """
   # Checked on every call, so that a misspelt GRAIN_OPTAX_GRAM_BACKEND fails
   # wherever a Gram is traced, not only where the kernel could run.
-  gram_kernel.backend_from_environment()
-  if (not param_axes and any(gram_kernel.supported(x.shape, x.dtype)
-                             for x in leaves) and gram_kernel.enabled()):
+  env_backend = gram_kernel.backend_from_environment()
+  if backend is None:
+    backend = env_backend
+  elif backend not in ('auto', 'xla'):
+    raise ValueError(f"grain_optax: gram_backend={backend!r} is not a Gram "
+                     "backend; use 'auto' or 'xla'.")
+  if (backend == 'auto' and not param_axes
+      and any(gram_kernel.supported(x.shape, x.dtype) for x in leaves)
+      and gram_kernel.enabled()):
     # platform_dependent picks the branch for the device the computation
     # lands on (a jit may target the CPU on a GPU host).
     return jax.lax.platform_dependent(*leaves, cuda=_on_gpu,

@@ -204,6 +204,9 @@ class SolverOptions(NamedTuple):
     stepsize: the projected-gradient solver's step (0: line search).
     exact_backend: where the exact solver runs; None for the environment's
       default, read at trace time.
+    gram_backend: how the Gram matrix is computed: ``'auto'`` (the GPU
+      kernel where it applies, XLA's dots elsewhere) or ``'xla'``; None for
+      the environment's default, read at trace time.
   """
   solver: validation.Solver = 'exact'
   tolerance: Optional[jax.typing.ArrayLike] = None
@@ -211,6 +214,7 @@ class SolverOptions(NamedTuple):
   regularization: jax.typing.ArrayLike = 1e-7
   stepsize: jax.typing.ArrayLike = 0.0
   exact_backend: Optional[exact.Backend] = None
+  gram_backend: Optional[str] = None
 
 
 Solve = Callable[..., MinNormSolution]
