@@ -352,7 +352,7 @@ def solve(gram: jax.typing.ArrayLike, mask: Optional[jax.typing.ArrayLike],
           options: SolverOptions) -> MinNormSolution:
   """:func:`min_norm_weights` with checked options (the Gram is checked)."""
   solver, tolerance, max_iterations, regularization, stepsize, backend = (
-      options)
+      options[:6])
   k, valid, _ = normalize_gram(gram, mask)
   m = k.shape[0]
   if tolerance is None:
