@@ -188,10 +188,9 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
 
   ``step`` returns ``(params, opt_state, loss)`` with params and optimizer
   state donated. ``kind`` is ``'mean'``, ``'grain'``, ``'monitor'``
-  (``grain(apply='mean')``) or ``'lean'``; a suffix
-  ``'+<variant>'`` (experimental, see ``_gram_variants.py``) compiles the
-  step with another Gram-matrix implementation (applied by
-  :func:`compile_step`); a suffix ``'@params'`` takes the per-group
+  (``grain(apply='mean')``) or ``'lean'``; a suffix ``'+xla'`` compiles
+  the step with the Gram by XLA's dots (the ``gram_backend`` ``'xla'``,
+  applied by :func:`compile_step`); a suffix ``'@params'`` takes the per-group
   gradients in the params' dtype (``grad_dtype='params'``).
   """
   if '~' in kind:
@@ -211,6 +210,11 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
                      grad_dtype='params')
   if '+' in kind:
     base, variant = kind.split('+')
+    if variant != 'xla':
+      raise ValueError(
+          f'step kind {kind!r}: only the Gram backend +xla compiles into a '
+          'step; time the experimental Gram variants alone with '
+          'step_overhead.py --gram_times --gram_variants')
     step, tx = make_step(base, loss_fn, m, solver=solver,
                          grad_dtype=grad_dtype)
     step.gram_variant = variant
@@ -298,17 +302,19 @@ def compile_step(step, params, opt_state, batch):
   variant = getattr(step, 'gram_variant', None)
   if not variant:
     return step.lower(params, opt_state, batch).compile()
-  import _gram_variants  # pylint: disable=g-import-not-at-top
-  from grain_optax._src import gram as gram_lib  # pylint: disable=g-import-not-at-top
-  # Every single-device Gram of grain(), accumulate() and the lean mode is
-  # taken by gram_of_leaves (through min_norm_point's orchestrator).
-  saved = gram_lib.gram_of_leaves
-  gram_lib.gram_of_leaves = _gram_variants.make_gram(
-      variant, interpret=jax.default_backend() != 'gpu')
+  # '+xla': the Gram by XLA's dots, through the library's documented default
+  # of the gram_backend option (GRAIN_OPTAX_GRAM_BACKEND, read when the step
+  # is traced); nothing in the library is patched.
+  name = 'GRAIN_OPTAX_GRAM_BACKEND'
+  saved = os.environ.get(name)
+  os.environ[name] = variant
   try:
     return step.lower(params, opt_state, batch).compile()
   finally:
-    gram_lib.gram_of_leaves = saved
+    if saved is None:
+      del os.environ[name]
+    else:
+      os.environ[name] = saved
 
 
 def memory_of(compiled) -> Dict[str, int]:

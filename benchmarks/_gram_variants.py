@@ -1,7 +1,8 @@
 """Experimental Gram-matrix implementations, to measure what the Gram costs.
 
-Not used by the library. ``step_overhead.py --modes grain+<variant>``
-compiles a GRAIN step with ``grain_optax.gram_matrix`` replaced by one of:
+Not used by the library. ``step_overhead.py --gram_times`` times each
+(``--gram_accuracy`` compares their accuracy), as drop-ins for
+``grain_optax.gram_matrix``:
 
 * ``xla``: the library's Gram with its GPU kernel off (one XLA dot per
   leaf, contracted in place, as before the kernel);

@@ -44,8 +44,8 @@ def _parse(argv=None):
   p.add_argument('--config', choices=sorted(_gpt.CONFIGS), default='tiny')
   p.add_argument('--groups', type=int, nargs='+', default=[2, 4, 8, 16])
   p.add_argument('--modes', nargs='+', default=['grain', 'lean'],
-                 help="'grain', 'monitor' (grain(apply='mean')), 'lean', or experimental 'grain+<variant>' / "
-                 "'lean+<variant>' with a Gram variant of _gram_variants.py")
+                 help="'grain', 'monitor' (grain(apply='mean')), 'lean', or "
+                 "'grain+xla' / 'lean+xla' (the Gram by XLA's dots, no kernel)")
   p.add_argument('--gram_accuracy', type=int, nargs='*', default=[],
                  help='m values at which to compare the Gram variants with '
                  'the library Gram on real per-group gradients')
@@ -293,32 +293,35 @@ def main(argv=None):
         for k, v in times.items()))
 
   for m in args.gram_tune:
+    import dataclasses  # pylint: disable=g-import-not-at-top
     from grain_optax._src import gram as gram_lib  # pylint: disable=g-import-not-at-top
     from grain_optax._src import gram_kernel  # pylint: disable=g-import-not-at-top
     _, per_group = jax.jit(grain_optax.group_value_and_grad(loss_fn, m))(
         params, batch)
     leaves = tuple(jax.tree_util.tree_leaves(per_group))
-    names = ('CHUNK', 'NUM_WARPS', 'NUM_STAGES', 'MIN_PROGRAMS', 'MAX_SPAN')
-    default = {n: getattr(gram_kernel, n) for n in names}
+    # Each trial is a KernelConfig passed to the kernel (nothing in the
+    # library is changed); the records keep the former constants' names.
+    names = {'CHUNK': 'chunk', 'NUM_WARPS': 'num_warps',
+             'NUM_STAGES': 'num_stages', 'MIN_PROGRAMS': 'min_programs',
+             'MAX_SPAN': 'max_span'}
+    default = {n: getattr(gram_kernel.DEFAULT, f) for n, f in names.items()}
     trials = [dict(default, CHUNK=c, NUM_WARPS=w)
               for c in (64, 128, 256) for w in (2, 4, 8)]
     trials += [dict(default, NUM_STAGES=s) for s in (2, 4)]
     trials += [dict(default, MIN_PROGRAMS=n) for n in (128, 256, 1024, 2048)]
     trials += [dict(default, MAX_SPAN=n) for n in (2048, 32768)]
     for trial in trials:
-      for n, v in trial.items():
-        setattr(gram_kernel, n, v)
+      config = dataclasses.replace(
+          gram_kernel.DEFAULT, **{names[n]: v for n, v in trial.items()})
       try:
-        ms = _time_fn(jax.jit(lambda t: gram_lib.kernel_gram(t)), (leaves,),
-                      inner, reps)
+        ms = _time_fn(jax.jit(lambda t, c=config: gram_lib.kernel_gram(
+            t, False, c)), (leaves,), inner, reps)
       except Exception as e:  # pylint: disable=broad-except
         ms = f'{type(e).__name__}: {e}'[:160]
       rec = {'benchmark': 'gram_tune', 'm': m, 'settings': trial, 'ms': ms,
              'device': info['device'], 'jax': info['jax']}
       print(_emit(rec, args.json), flush=True)
       print(f'gram tune m={m} {trial}: {ms}')
-    for n, v in default.items():
-      setattr(gram_kernel, n, v)
 
   for m in args.gram_accuracy:
     import _gram_variants  # pylint: disable=g-import-not-at-top

@@ -3,7 +3,7 @@ in interpret mode on the CPU).
 
 On CUDA GPUs ``min_norm_weights(solver='exact')`` runs its whole algorithm
 as one Pallas kernel (no host round trip); elsewhere the same algorithm runs
-under XLA with an LU solve. Both must agree.
+under XLA with Cholesky solves. Both must agree.
 """
 
 import jax
@@ -40,6 +40,25 @@ CASES = {
     'zero': np.zeros((4, 4), np.float32),
     'identical': np.full((5, 5), 2.0, np.float32),
 }
+
+
+def test_kernel_that_fails_to_trace_falls_back_with_a_warning(monkeypatch):
+  # As on a GPU whose probe passed, where the kernel then cannot be traced
+  # (Pallas raising ValueError): XLA runs it, and a warning says why.
+  monkeypatch.setattr(exact.kernel_probe, 'gpu_present', lambda: True)
+  monkeypatch.setattr(exact.kernel_probe, 'passes', lambda *args: True)
+  monkeypatch.setattr(jax.lax, 'platform_dependent',
+                      lambda *args, cuda, default: cuda(*args))
+
+  def fails(*args, **kwargs):
+    raise ValueError('cannot type the outputs here')
+
+  monkeypatch.setattr(exact, 'run_pallas', fails)
+  k = jnp.asarray(CASES['partial_support'])
+  with pytest.warns(RuntimeWarning, match=(
+      "exact solver's Pallas GPU kernel.*ValueError: cannot type")):
+    got = solve_with('auto', k)
+  np.testing.assert_array_equal(got.weights, solve_with('xla', k).weights)
 
 
 @pytest.mark.parametrize('name', sorted(CASES))
@@ -126,7 +145,7 @@ def test_kernel_numerics_reach_kkt_on_the_low_rank_family():
   # the low-rank family of test_solvers: the GPU kernel computes exactly this.
   # At the largest m the kernel takes (above it, the solver runs under XLA
   # with LAPACK/cuSOLVER Cholesky, which test_solvers covers up to m = 256).
-  m = exact._KERNEL_MAX_GROUPS  # pylint: disable=protected-access
+  m = exact.KERNEL_MAX_GROUPS
   from test_solvers import _family, _kkt64  # pylint: disable=g-import-not-at-top
 
   def solve(k):

@@ -4,6 +4,9 @@ On a CPU the kernel runs in Pallas' interpreter; on a CUDA GPU (one device)
 the last test checks the compiled kernel inside ``gram_matrix``.
 """
 
+import dataclasses
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,11 +17,15 @@ from grain_optax._src import gram
 from grain_optax._src import gram_kernel
 
 
-@pytest.fixture
-def small_leaves_take_the_kernel(monkeypatch):
-  # The size below which leaves skip the kernel is a speed threshold; lower
-  # it so that the interpreted kernel runs on small arrays.
-  monkeypatch.setattr(gram_kernel, 'SMALL', 1024)
+# The size below which leaves skip the kernel is a speed threshold; lower it
+# so that the interpreted kernel runs on small arrays.
+SMALL_LEAVES = dataclasses.replace(gram_kernel.DEFAULT, small=1024)
+
+
+def _leaf_gram(x, config=SMALL_LEAVES):
+  """The kernel's ``[m, m]`` Gram of one leaf, interpreted."""
+  summed = jnp.sum(gram_kernel.partials([x], True, config), axis=0)
+  return gram_kernel.finish(summed, x.shape[0])
 
 
 def _reference(leaves):
@@ -30,14 +37,15 @@ def _reference(leaves):
 
 @pytest.mark.parametrize('m', [1, 2, 4, 8, 16, 32])
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
-def test_kernel_gram_of_one_leaf(m, dtype, small_leaves_take_the_kernel):
+def test_kernel_gram_of_one_leaf(m, dtype):
   rng = np.random.default_rng(m)
   # Gradients of very different sizes per group: the relative error is
   # measured against the largest entry, as the solver sees it.
   scale = np.logspace(-3, 3, m)[:, None, None]
   x = jnp.asarray(rng.standard_normal((m, 16, 512)) * scale, dtype)
-  assert gram_kernel.supported(x.shape, x.dtype)
-  k = gram_kernel.leaf_gram(x, interpret=True)
+  assert gram_kernel.supported(x.shape, x.dtype, SMALL_LEAVES)
+  assert not gram_kernel.supported(x.shape, x.dtype)  # the default: small
+  k = _leaf_gram(x)
   assert k.dtype == jnp.float32 and k.shape == (m, m)
   ref = _reference([x])
   # 16-bit products are exact in float32; only float32 sums are rounded.
@@ -59,8 +67,21 @@ def test_supported_shapes():
   assert not ok((4,), jnp.float32)
 
 
-def test_kernel_gram_of_a_mixed_tree_and_its_derivative(
-    small_leaves_take_the_kernel):
+def test_kernel_config_is_a_frozen_value_passed_down():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    gram_kernel.DEFAULT.chunk = 64  # pytype: disable=annotation-type-mismatch
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((4, 16, 512)), jnp.bfloat16)
+  ref = _reference([x])
+  # Other tunings cut the same leaf into other blocks: the same Gram.
+  for config in (dataclasses.replace(SMALL_LEAVES, chunk=64, max_span=512),
+                 dataclasses.replace(SMALL_LEAVES, min_programs=1,
+                                     max_span=1024)):
+    np.testing.assert_allclose(_leaf_gram(x, config), ref, rtol=2e-6,
+                               atol=2e-6 * np.abs(ref).max())
+
+
+def test_kernel_gram_of_a_mixed_tree_and_its_derivative():
   rng = np.random.default_rng(0)
   leaves = (
       jnp.asarray(rng.standard_normal((4, 32, 128)), jnp.bfloat16),  # kernel
@@ -71,34 +92,85 @@ def test_kernel_gram_of_a_mixed_tree_and_its_derivative(
       jnp.asarray(rng.standard_normal((4, 7, 1101)), jnp.float32),  # XLA
       jnp.asarray(rng.standard_normal((4, 4, 1999)), jnp.bfloat16),  # + tail
   )
-  k = gram.kernel_gram(leaves, True)
+  k = gram.kernel_gram(leaves, True, SMALL_LEAVES)
   ref = _reference(leaves)
   np.testing.assert_allclose(k, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
-  with pytest.MonkeyPatch.context() as patch:  # one kernel leaf per launch
-    patch.setattr(gram_kernel, 'LEAVES_PER_LAUNCH', 1)
-    np.testing.assert_allclose(gram.kernel_gram(leaves, True), k, rtol=1e-6)
+  one_per_launch = dataclasses.replace(SMALL_LEAVES, leaves_per_launch=1)
+  np.testing.assert_allclose(gram.kernel_gram(leaves, True, one_per_launch),
+                             k, rtol=1e-6)
 
   # d/ds K(s x) = 2 s K(x): the tangent rule, under jit and vmap.
   def f(s, leaves):
-    return gram.kernel_gram(tuple(x * s for x in leaves), True)
+    return gram.kernel_gram(tuple(x * s for x in leaves), True, SMALL_LEAVES)
 
   dk = jax.jit(jax.jacfwd(f))(jnp.float32(1.0), leaves)
   np.testing.assert_allclose(dk, 2 * ref, rtol=1e-5,
                              atol=1e-5 * np.abs(ref).max())
   stacked = tuple(jnp.stack([x, 2 * x]) for x in leaves)
-  batched = jax.vmap(lambda t: gram.kernel_gram(t, True))(stacked)
+  batched = jax.vmap(lambda t: gram.kernel_gram(t, True, SMALL_LEAVES))(
+      stacked)
   np.testing.assert_allclose(batched[1], 4 * batched[0], rtol=1e-6)
 
 
 def test_probe_and_backend_variable(monkeypatch):
   gram_kernel.probe(interpret=True)
   monkeypatch.setenv(gram_kernel.ENVIRONMENT_VARIABLE, 'xla')
-  assert not gram_kernel.enabled()
+  assert gram_kernel.backend_from_environment() == 'xla'
   monkeypatch.setenv(gram_kernel.ENVIRONMENT_VARIABLE, 'triton')
   with pytest.raises(ValueError, match='GRAIN_OPTAX_GRAM_BACKEND'):
-    gram_kernel.enabled()
+    gram_kernel.backend_from_environment()
   with pytest.raises(ValueError, match='GRAIN_OPTAX_GRAM_BACKEND'):
     grain_optax.gram_matrix({'b': jnp.ones((2, 3))})
+  # An explicit backend is not the environment's: the variable is not read.
+  k = gram.gram_of_leaves([jnp.ones((2, 3))], backend='xla')
+  np.testing.assert_array_equal(k, 3 * np.ones((2, 2)))
+
+
+def _pretend_one_gpu(monkeypatch):
+  """The kernel's checks pass, and the branch the Gram takes is recorded."""
+  monkeypatch.setattr(gram_kernel, '_one_device', lambda: True)
+  monkeypatch.setattr(gram_kernel.kernel_probe, 'gpu_present', lambda: True)
+  monkeypatch.setattr(gram_kernel.kernel_probe, 'passes',
+                      lambda *args: True)
+  taken = []
+
+  def platform_dependent(*args, cuda, default):
+    taken.append('kernel')
+    return default(*args)
+
+  monkeypatch.setattr(jax.lax, 'platform_dependent', platform_dependent)
+  return taken
+
+
+def test_explicit_auto_backend_ignores_the_environment(monkeypatch):
+  taken = _pretend_one_gpu(monkeypatch)
+  leaf = jnp.ones((4, 256, 512), jnp.bfloat16)  # supported by the kernel
+  monkeypatch.setenv(gram_kernel.ENVIRONMENT_VARIABLE, 'xla')
+  gram.gram_of_leaves([leaf])  # None: the environment's 'xla'
+  assert not taken
+  gram.gram_of_leaves([leaf], backend='auto')  # explicit: the kernel's branch
+  assert taken == ['kernel']
+  gram.gram_of_leaves([leaf], backend='xla')
+  assert taken == ['kernel']
+
+
+def test_kernel_that_fails_to_trace_falls_back_with_a_warning(monkeypatch):
+  leaves = [jnp.asarray(np.random.default_rng(3).standard_normal(
+      (4, 256, 512)), jnp.bfloat16)]
+
+  def fails(*args, **kwargs):
+    raise ValueError('cannot type the outputs here')
+
+  monkeypatch.setattr(gram, 'kernel_gram', fails)
+  with pytest.warns(RuntimeWarning, match=(
+      "Gram matrix's Pallas GPU kernel.*ValueError: cannot type")):
+    k = gram._on_gpu(*leaves)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(k, gram.xla_gram(*leaves))
+  # A kernel that traces gives no warning.
+  monkeypatch.undo()
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    gram.kernel_gram(tuple(leaves), True)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu' or jax.device_count() != 1,

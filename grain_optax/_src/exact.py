@@ -17,7 +17,6 @@ function theorem, not through the solver's loop: see :func:`weights_jvp`.
 """
 
 import functools
-import os
 import warnings
 from typing import Literal, Optional, Tuple
 
@@ -36,15 +35,13 @@ ENVIRONMENT_VARIABLE = 'GRAIN_OPTAX_EXACT_BACKEND'
 def default_backend() -> Backend:
   """The backend named by ``GRAIN_OPTAX_EXACT_BACKEND`` (default ``'auto'``).
 
+  The default of an ``exact_backend`` option left None.
+
   Raises:
     ValueError: if the variable names neither ``'auto'`` nor ``'xla'``.
   """
-  name = os.environ.get(ENVIRONMENT_VARIABLE, 'auto').strip().lower()
-  if name not in ('auto', 'xla'):
-    raise ValueError(
-        f'grain_optax: {ENVIRONMENT_VARIABLE}={name!r} is not a backend; '
-        "use 'auto' (the default) or 'xla'.")
-  return name
+  return kernel_probe.environment_backend(ENVIRONMENT_VARIABLE,
+                                          'a backend')
 
 
 def resolve_backend(backend: Optional[str]) -> Backend:
@@ -90,9 +87,6 @@ def run_pallas(k: jax.Array, valid_f: jax.Array, tolerance: jax.Array,
   return w[:m], it[0]
 
 
-
-
-
 def probe_pallas(interpret: bool = False) -> np.ndarray:
   """Builds and runs the kernel on a 2-group problem whose answer is known."""
   k = np.array([[1.0, 0.0], [0.0, 9.0]], np.float32)
@@ -112,11 +106,10 @@ def probe_pallas(interpret: bool = False) -> np.ndarray:
   return w
 
 
-
 # The kernel runs as one GPU program, so its n^3 factorisation is serial
-# work: beyond m = 32 XLA's cuSOLVER path is faster (benchmarks/RESULTS.md,
+# work: for larger m XLA's cuSOLVER path is faster (benchmarks/RESULTS.md,
 # section 2, `benchmarks/qp_solvers.py`). Larger problems run under XLA.
-_KERNEL_MAX_GROUPS = 32
+KERNEL_MAX_GROUPS = 32
 
 
 def solve(k: jax.Array, valid: jax.Array, tolerance: jax.typing.ArrayLike,
@@ -160,11 +153,12 @@ def _solve(k, valid_f, tolerance, regularization, max_iterations, backend):
     try:
       return run_pallas(k, valid_f, tolerance, regularization,
                         max_iterations)
-    except ValueError:
+    except ValueError as e:
       # Pallas cannot type its outputs in this context (e.g. inside
       # ``jax.shard_map`` with ``check_vma=True`` on JAX versions whose
       # ShapeDtypeStruct needs the manual axes spelled out): same algorithm
-      # under XLA instead.
+      # under XLA instead, with a warning (a genuine bug shows there too).
+      kernel_probe.fallback_warning("the exact solver's Pallas GPU kernel", e)
       return on_xla(k, valid_f, tolerance, regularization)
 
   args = (k, valid_f, tolerance, regularization)
@@ -172,7 +166,7 @@ def _solve(k, valid_f, tolerance, regularization, max_iterations, backend):
     w, iterations = on_xla(*args)
   elif backend == 'pallas_interpret':
     w, iterations = run_pallas(*args, max_iterations, interpret=True)
-  elif (k.shape[0] <= _KERNEL_MAX_GROUPS and kernel_probe.gpu_present()
+  elif (k.shape[0] <= KERNEL_MAX_GROUPS and kernel_probe.gpu_present()
         and kernel_probe.passes(
             probe_pallas, "the exact solver's Pallas GPU kernel",
             'The same algorithm runs under XLA instead (correct, with a few '

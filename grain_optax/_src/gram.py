@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from grain_optax._src import axes as axes_lib
 from grain_optax._src import gram_kernel
+from grain_optax._src import kernel_probe
 from grain_optax._src import validation
 
 
@@ -38,22 +39,24 @@ def total(grams: Sequence[jax.Array]) -> jax.Array:
   return sum(grams[1:], grams[0])
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def kernel_gram(leaves: Tuple[jax.Array, ...],
-                interpret: bool = False) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def kernel_gram(leaves: Tuple[jax.Array, ...], interpret: bool = False,
+                config: gram_kernel.KernelConfig = gram_kernel.DEFAULT
+                ) -> jax.Array:
   """The Gram of one device's leaves with the GPU kernel where it applies.
 
   Leaves the kernel supports (:func:`gram_kernel.supported`) take one kernel
   launch together, and one reduction sums its partial sums; those with
-  fewer than ``gram_kernel.SMALL`` entries per group (biases, norms' scales)
+  fewer than ``config.small`` entries per group (biases, norms' scales)
   are concatenated in float32 and take one XLA dot; the rest take XLA's dot
-  one by one. Differentiable (the tangent by XLA's dots).
+  one by one. Differentiable (the tangent by XLA's dots). ``config`` is the
+  kernel's tuning (:class:`gram_kernel.KernelConfig`).
   """
   grams, small, kernel = [], [], []
   for leaf in leaves:
-    if gram_kernel.supported(leaf.shape, leaf.dtype):
+    if gram_kernel.supported(leaf.shape, leaf.dtype, config):
       kernel.append(leaf)
-    elif (leaf[0].size < gram_kernel.SMALL
+    elif (leaf[0].size < config.small
           and jnp.dtype(leaf.dtype).itemsize <= 4):
       small.append(leaf.reshape(leaf.shape[0], -1).astype(jnp.float32))
     else:
@@ -61,10 +64,10 @@ def kernel_gram(leaves: Tuple[jax.Array, ...],
   if small:
     grams.append(leaf_gram(jnp.concatenate(small, axis=1)))
   if kernel:
-    # One launch per LEAVES_PER_LAUNCH leaves: the kernel holds a branch per
+    # One launch per leaves_per_launch leaves: the kernel holds a branch per
     # leaf, and its compile time grows with them.
-    n = gram_kernel.LEAVES_PER_LAUNCH
-    parts = [gram_kernel.partials(kernel[i:i + n], interpret)
+    n = config.leaves_per_launch
+    parts = [gram_kernel.partials(kernel[i:i + n], interpret, config)
              for i in range(0, len(kernel), n)]
     summed = jnp.sum(parts[0] if len(parts) == 1
                      else jnp.concatenate(parts, axis=0), axis=0)
@@ -73,18 +76,20 @@ def kernel_gram(leaves: Tuple[jax.Array, ...],
 
 
 @kernel_gram.defjvp
-def _kernel_gram_jvp(interpret, primals, tangents):
+def _kernel_gram_jvp(interpret, config, primals, tangents):
   (leaves,), (dleaves,) = primals, tangents
   cross = total([leaf_gram(x, other=t) for x, t in zip(leaves, dleaves)])
-  return kernel_gram(leaves, interpret), cross + cross.T
+  return kernel_gram(leaves, interpret, config), cross + cross.T
 
 
 def _on_gpu(*leaves: jax.Array) -> jax.Array:
   try:
     return kernel_gram(tuple(leaves))
-  except ValueError:
+  except ValueError as e:
     # Pallas cannot type its outputs in this context (inside jax.shard_map
-    # with check_vma=True on some JAX versions): XLA's dots instead.
+    # with check_vma=True on some JAX versions): XLA's dots instead, with a
+    # warning (a genuine bug shows there too).
+    kernel_probe.fallback_warning("the Gram matrix's Pallas GPU kernel", e)
     return xla_gram(*leaves)
 
 
@@ -106,13 +111,14 @@ def gram_of_leaves(leaves: Sequence[jax.Array],
 
   On one CUDA GPU the large leaves go through :mod:`gram_kernel`'s kernel;
   elsewhere each leaf is one XLA dot. ``backend`` (``'auto'`` or ``'xla'``;
-  None: the environment's default) is ``SolverOptions.gram_backend``.
+  None: the default from ``GRAIN_OPTAX_GRAM_BACKEND``, read at trace time)
+  is ``SolverOptions.gram_backend``; an explicit backend does not read the
+  environment.
   """
-  # Checked on every call, so that a misspelt GRAIN_OPTAX_GRAM_BACKEND fails
-  # wherever a Gram is traced, not only where the kernel could run.
-  env_backend = gram_kernel.backend_from_environment()
   if backend is None:
-    backend = env_backend
+    # Read on every trace that leaves it None, so that a misspelt variable
+    # fails wherever a Gram is traced, not only where the kernel could run.
+    backend = gram_kernel.backend_from_environment()
   elif backend not in ('auto', 'xla'):
     raise ValueError(f"grain_optax: gram_backend={backend!r} is not a Gram "
                      "backend; use 'auto' or 'xla'.")
@@ -159,7 +165,8 @@ def gram_matrix(per_group: Any, *,
   group are read in one Pallas kernel launch on tensor cores (the products
   exact, the sums float32 in another order than XLA's); float32 and small
   leaves, every other platform, several devices, and
-  ``GRAIN_OPTAX_GRAM_BACKEND=xla`` in the environment use XLA's dot.
+  ``GRAIN_OPTAX_GRAM_BACKEND=xla`` in the environment (the default of the
+  ``gram_backend`` solver option) use XLA's dot.
 
   Sharded parameters: under ``jax.jit`` a leaf sharded along its parameter
   dimensions gives partial products that the partitioner sums with an

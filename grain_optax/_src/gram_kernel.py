@@ -2,9 +2,8 @@
 
 XLA compiles the Gram of one ``[m, P]`` leaf (``m`` a few groups, ``P``
 millions of parameters) into batched ``[m, C] @ [C, m]`` products whose
-kernels read the gradients at a fraction of the memory bandwidth (on the GPT
-of ``benchmarks/_gpt.py``, several times the time of reading the gradients
-once: benchmarks/RESULTS.md, section 1d).
+kernels read the gradients at a fraction of the memory bandwidth (measured on
+the GPT of ``benchmarks/_gpt.py``: benchmarks/RESULTS.md, section 1d).
 
 The kernel here reads each leaf once, as a free reshape to ``[r, r P / m]``
 with ``r = max(16, m)`` rows (row ``(i, q)`` holds the ``q``-th of ``r / m``
@@ -21,16 +20,22 @@ sums differs. Float32 leaves stay with XLA's dot.
 
 Where the kernel runs: CUDA GPUs, one device (``jax.device_count() == 1``; a
 sharded leaf would be gathered to feed a kernel the partitioner cannot
-split), ``m`` a power of two up to 64, and leaves of at least ``SMALL``
+split), ``m`` a power of two up to 64, and leaves of at least ``KernelConfig.small``
 entries per group (see :func:`supported`); every other leaf, and every other
 platform, goes through XLA's dot. The kernel is
 built and checked once per process on a problem of known answer; where the
 check fails (Pallas' GPU backends change between JAX releases) XLA is used,
-with a warning. ``GRAIN_OPTAX_GRAM_BACKEND=xla`` turns the kernel off.
+with a warning. The backend is the option ``SolverOptions.gram_backend``
+(``'auto'`` or ``'xla'``); when it is None, the environment variable
+``GRAIN_OPTAX_GRAM_BACKEND`` gives the default (``'auto'`` when unset).
+
+The kernel's tuning (block sizes, warps, pipeline stages) is a frozen
+:class:`KernelConfig` passed down the calls; :data:`DEFAULT` holds the values
+the library uses.
 """
 
+import dataclasses
 import functools
-import os
 import warnings
 from typing import Optional, Sequence
 
@@ -42,36 +47,52 @@ from grain_optax._src import kernel_probe
 
 ENVIRONMENT_VARIABLE = 'GRAIN_OPTAX_GRAM_BACKEND'
 
-# Columns each loop step of a program multiplies, and the largest and
-# smallest columns one program covers, from a sweep (benchmarks/
-# step_overhead.py --gram_tune; benchmarks/RESULTS.md, section 1d).
-CHUNK = 128
-MAX_SPAN = 8192
-MIN_SPAN = 256
-# Programs wanted per launch (a few per streaming multiprocessor).
-MIN_PROGRAMS = 512
-NUM_WARPS = 2
-NUM_STAGES = 3
-# Leaves one launch covers at most (a branch each in the kernel).
-LEAVES_PER_LAUNCH = 64
-# Leaves with fewer entries per group than this are concatenated into one
-# float32 matrix and take one XLA dot (a kernel launch each would cost more
-# than they hold).
-SMALL = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """The Gram kernel's tuning, one immutable (hashable) value.
+
+  The defaults come from a sweep (``benchmarks/step_overhead.py
+  --gram_tune``; benchmarks/RESULTS.md, section 1d).
+
+  Attributes:
+    chunk: columns each loop step of a program multiplies.
+    max_span: the most columns one program covers.
+    min_span: the fewest columns one program covers.
+    min_programs: programs wanted per launch (a few per streaming
+      multiprocessor).
+    num_warps: Triton warps per program.
+    num_stages: Triton pipeline stages.
+    leaves_per_launch: leaves one launch covers at most (a branch each in
+      the kernel, and its compile time grows with them).
+    small: leaves with fewer entries per group than this are concatenated
+      into one float32 matrix and take one XLA dot (a kernel launch each
+      would cost more than they hold).
+  """
+  chunk: int = 128
+  max_span: int = 8192
+  min_span: int = 256
+  min_programs: int = 512
+  num_warps: int = 2
+  num_stages: int = 3
+  leaves_per_launch: int = 64
+  small: int = 1 << 16
+
+
+DEFAULT = KernelConfig()
 
 
 def backend_from_environment() -> str:
   """``'auto'`` (default) or ``'xla'``, from ``GRAIN_OPTAX_GRAM_BACKEND``.
 
+  The default of a ``gram_backend`` option left None.
+
   Raises:
     ValueError: if the variable names neither.
   """
-  name = os.environ.get(ENVIRONMENT_VARIABLE, 'auto').strip().lower()
-  if name not in ('auto', 'xla'):
-    raise ValueError(
-        f'grain_optax: {ENVIRONMENT_VARIABLE}={name!r} is not a Gram backend; '
-        "use 'auto' (the default) or 'xla'.")
-  return name
+  return kernel_probe.environment_backend(ENVIRONMENT_VARIABLE,
+                                          'a Gram backend')
 
 
 def _rows(m: int) -> Optional[int]:
@@ -80,22 +101,23 @@ def _rows(m: int) -> Optional[int]:
   return max(16, m)
 
 
-def _span(q: int) -> int:
-  """Columns per program: the largest power of two from ``MIN_SPAN`` to
-  ``MAX_SPAN`` that still gives ``MIN_PROGRAMS`` programs (if any)."""
-  span = MAX_SPAN
-  while span > MIN_SPAN and q // span < MIN_PROGRAMS:
+def _span(q: int, config: KernelConfig) -> int:
+  """Columns per program: the largest power of two from ``min_span`` to
+  ``max_span`` that still gives ``min_programs`` programs (if any)."""
+  span = config.max_span
+  while span > config.min_span and q // span < config.min_programs:
     span //= 2
   return span
 
 
-def supported(shape, dtype) -> bool:
+def supported(shape, dtype, config: KernelConfig = DEFAULT) -> bool:
   """Whether the kernel takes a ``[m, *param_shape]`` leaf of ``dtype``.
 
   ``m`` must be a power of two up to 64, the dtype bfloat16 or float16 (a
   float32 leaf in the kernel's IEEE float32 dot measured slower than XLA's;
-  benchmarks/RESULTS.md, section 1d), a group's slice at least ``SMALL``
-  entries, and (for ``m < 16``) divisible into ``16 / m`` equal parts.
+  benchmarks/RESULTS.md, section 1d), a group's slice at least
+  ``config.small`` entries, and (for ``m < 16``) divisible into ``16 / m``
+  equal parts.
   """
   dtype = jnp.dtype(dtype)
   if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or (
@@ -104,8 +126,8 @@ def supported(shape, dtype) -> bool:
   m = shape[0]
   r = _rows(m)
   p = int(np.prod(shape[1:], dtype=np.int64))
-  return (r is not None and p >= SMALL and p % (r // m) == 0
-          and p * m // r >= MIN_SPAN)
+  return (r is not None and p >= config.small and p % (r // m) == 0
+          and p * m // r >= config.min_span)
 
 
 def _kernel(*refs, plan):
@@ -128,8 +150,8 @@ def _kernel(*refs, plan):
           0, steps, body, jnp.zeros((r, r), jnp.float32))[None]
 
 
-def partials(leaves: Sequence[jax.Array],
-             interpret: bool = False) -> jax.Array:
+def partials(leaves: Sequence[jax.Array], interpret: bool = False,
+             config: KernelConfig = DEFAULT) -> jax.Array:
   """``[n, r, r]`` float32 partial sums of supported leaves' Gram.
 
   One kernel launch covers every leaf (a launch per leaf left the GPU idle
@@ -142,6 +164,7 @@ def partials(leaves: Sequence[jax.Array],
   Args:
     leaves: ``[m, ...]`` leaves (one ``m``) for which :func:`supported` holds.
     interpret: run the kernel in Pallas' interpreter (any device; tests).
+    config: the kernel's tuning.
   """
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   r = _rows(leaves[0].shape[0])
@@ -149,8 +172,8 @@ def partials(leaves: Sequence[jax.Array],
   start = 0
   for x in leaves:
     q = x.size // r
-    span = _span(q)
-    chunk = min(CHUNK, span)
+    span = _span(q, config)
+    chunk = min(config.chunk, span)
     count = q // span
     view = x.reshape(r, q)
     views.append(view)
@@ -166,7 +189,7 @@ def partials(leaves: Sequence[jax.Array],
   if not interpret:
     from jax.experimental.pallas import triton as pl_triton  # pylint: disable=g-import-not-at-top
     kwargs['compiler_params'] = pl_triton.CompilerParams(
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        num_warps=config.num_warps, num_stages=config.num_stages)
   out = [pl.pallas_call(
       functools.partial(_kernel, plan=tuple(plan)),
       out_shape=jax.ShapeDtypeStruct((start, r, r), jnp.float32),
@@ -186,11 +209,6 @@ def finish(summed: jax.Array, m: int) -> jax.Array:
   """The ``[m, m]`` Gram from the ``[r, r]`` sum of :func:`partials`."""
   s = summed.shape[0] // m
   return jnp.trace(summed.reshape(m, s, m, s), axis1=1, axis2=3)
-
-
-def leaf_gram(x: jax.Array, interpret: bool = False) -> jax.Array:
-  """The ``[m, m]`` float32 Gram of one supported ``[m, ...]`` leaf."""
-  return finish(jnp.sum(partials([x], interpret), axis=0), x.shape[0])
 
 
 def probe(interpret: bool = False) -> None:
@@ -225,9 +243,12 @@ def _one_device() -> bool:
 
 
 def enabled() -> bool:
-  """Whether Gram matrices traced now may use the kernel (see module doc)."""
-  return (backend_from_environment() == 'auto' and _one_device()
-          and kernel_probe.gpu_present()
+  """Whether the kernel can run here: one CUDA GPU where the probe passes.
+
+  The backend option (``'auto'`` or ``'xla'``, resolved by the caller) is
+  not read here.
+  """
+  return (_one_device() and kernel_probe.gpu_present()
           and kernel_probe.passes(
               probe, "the Gram matrix's Pallas GPU kernel",
               'XLA computes the Gram instead (the same matrix, more slowly).'))
