@@ -55,7 +55,6 @@ def _dot(a, b):
   return jnp.dot(a, b, precision=_HIGHEST)
 
 
-
 def normalize_gram(gram: jax.typing.ArrayLike,
                    mask: Optional[jax.typing.ArrayLike] = None
                    ) -> Tuple[jax.Array, jax.Array, jax.Array]:
@@ -139,54 +138,12 @@ def uniform(valid: jax.Array) -> jax.Array:
   return jnp.where(valid, 1.0 / jnp.maximum(n, 1), 0.0).astype(jnp.float32)
 
 
-
 def static_number(x: Any) -> Optional[float]:
   """``x`` as a Python float if it is known at trace time, else None."""
   try:
     return float(x)
   except (TypeError, jax.errors.ConcretizationTypeError):
     return None
-
-
-def _projected_gradient(k, valid, tolerance, max_iterations, stepsize):
-  """jaxopt's ProjectedGradient with optax's Euclidean simplex projection."""
-  # Imported here, when this solver is traced: importing jaxopt warns that it
-  # is no longer maintained, which `import grain_optax` should not.
-  import jaxopt  # pylint: disable=g-import-not-at-top
-  # jaxopt builds parts of its state from Python floats, which are float64
-  # in x64 mode: run it in the default float type of the mode, so that its
-  # loop carries keep one dtype, and return float32.
-  dtype = jnp.zeros(0).dtype
-  k = k.astype(dtype)
-
-  def objective(w, k):
-    return _dot(w, _dot(k, w))
-
-  def projection(w, valid):
-    # Excluded groups are pushed far below the simplex threshold, so the
-    # projection gives them exactly zero weight.
-    return optax.projections.projection_simplex(
-        jnp.where(valid, w, jnp.asarray(-1e9, w.dtype)))
-
-  def run(step):
-    pg = jaxopt.ProjectedGradient(
-        fun=objective, projection=projection, tol=tolerance,
-        maxiter=max_iterations, stepsize=step, implicit_diff=False,
-        jit=True)
-    w, state = pg.run(uniform(valid).astype(dtype), valid, k)
-    return w, jnp.asarray(state.iter_num, jnp.int32)
-
-  if static_number(stepsize) is None:
-    # Injected (optax.inject_hyperparams): 0 selects the line search at run
-    # time, so both variants are compiled.
-    fixed = jnp.asarray(stepsize, dtype)
-    w, iterations = jax.lax.cond(
-        fixed > 0, lambda: run(lambda _: fixed), lambda: run(0.0))
-  else:
-    w, iterations = run(static_number(stepsize))
-  w = jnp.where(valid, jnp.maximum(w, 0.0), 0.0).astype(jnp.float32)
-  return w / jnp.sum(w), iterations
-
 
 
 class SolverOptions(NamedTuple):
@@ -372,8 +329,12 @@ def solve(gram: jax.typing.ArrayLike, mask: Optional[jax.typing.ArrayLike],
           'Python int (jaxopt sizes its loop with it), but it is traced; with '
           "optax.inject_hyperparams, pass static_args=('max_iterations',).")
     max_iterations = int(max_iterations)
-    w, iterations = _projected_gradient(k, valid, tolerance, max_iterations,
-                                        stepsize)
+    # Imported when this solver is traced (see projected_gradient).
+    from grain_optax._src import projected_gradient  # pylint: disable=g-import-not-at-top
+    step = static_number(stepsize)
+    w, iterations = projected_gradient.solve(
+        k, valid, uniform(valid), tolerance, max_iterations,
+        stepsize if step is None else step)
   any_valid = jnp.any(valid)
   zero_gram = jnp.all(k == 0)
   w = jnp.where(zero_gram, uniform(valid), w)
