@@ -45,6 +45,9 @@ class Config:
   variant: str = ''            # label of the sweep variant
   direct: bool = False         # every lane: m = cells = slots, k = 1 (the
                                # cells are the groups; no combination step)
+  # Trace the weight GRAIN attributes to flipped and to clean examples (the
+  # regimes stage); left out of repr so older programs keep their names.
+  track_flips: bool = dataclasses.field(default=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,9 @@ class Lane:
   seed: int
   m: int = 4                   # groups per micro-batch
   k: int = 1                   # micro-batches per optimizer step
+  # The regimes stage (issue 24): which condition and setting a lane runs.
+  condition: str = ''          # '' | 'noise' | 'sources' | 'imbalance'
+  noise: float = 0.0           # share of training labels flipped
 
 
 def lane_plan(cfg: Config, lane: Lane):
@@ -97,7 +103,9 @@ def parse_args(argv=None):
                  help='a few steps, 2 seeds, 2 learning rates (CI smoke test)')
   p.add_argument('--stages', nargs='+',
                  default=['main', 'sweep', 'groups', 'variants', 'timing'],
-                 choices=['main', 'sweep', 'groups', 'variants', 'timing'])
+                 choices=['main', 'sweep', 'groups', 'variants', 'timing',
+                          'regimes'],
+                 help='regimes (issue 24) is not in the default: ask for it')
   p.add_argument('--tasks', nargs='+', default=None)
   p.add_argument('--regimes', nargs='+', default=['full', 'lora'],
                  choices=['full', 'lora'])
@@ -130,6 +138,30 @@ def parse_args(argv=None):
                  help='take the tuned learning rates (for the groups and '
                  'timing stages) from earlier result files, e.g. of a '
                  '--stages main run')
+  g = p.add_argument_group(
+      'regimes stage (issue 24; see _stability_regimes.py)')
+  g.add_argument('--conditions', nargs='+', default=['noise', 'sources',
+                                                     'imbalance'],
+                 choices=['noise', 'sources', 'imbalance'])
+  g.add_argument('--noise', type=float, nargs='+', default=[0.0, 0.2, 0.4],
+                 help='fractions of training labels flipped (noise)')
+  g.add_argument('--regime-groups', type=int, nargs='+', default=[16, 4],
+                 help='m of the noise condition (16 = one example per group)')
+  g.add_argument('--imbalance-groups', type=int, nargs='+', default=[16],
+                 help='m of the imbalance condition')
+  g.add_argument('--source-groups', type=int, nargs='+', default=[1, 2],
+                 help='groups per source (m = sources x this)')
+  g.add_argument('--rare-shots', type=int, default=2,
+                 help='training examples of the rare (last) class')
+  g.add_argument('--source-shots', type=int, default=None,
+                 help='shots per class from each source (default: half the '
+                 'task\'s shots, rounded up)')
+  g.add_argument('--regime-optimizers', nargs='+', default=['adamw', 'sgdm'],
+                 choices=['adamw', 'sgdm'])
+  g.add_argument('--adamw-lrs', type=float, nargs='+', default=None,
+                 help='AdamW learning rates of the regimes (default: the '
+                 'problem\'s, around the earlier tuned ones)')
+  g.add_argument('--sgdm-lrs', type=float, nargs='+', default=None)
   p.add_argument('--report', nargs='+', default=None, metavar='FILE',
                  help='--report OUT.md IN.jsonl...: write the markdown report '
                  '(and OUT.png) from result files, no training')

@@ -37,6 +37,16 @@ class Problem:
   sweep_grid: Tuple[float, ...]
   weight_decay: float = 0.0
   program_key: Optional[str] = None   # problems with equal keys share programs
+  # The regimes stage (issue 24); see _stability_regimes.py.
+  num_classes: int = 0
+  class_names: Tuple[str, ...] = ()
+  source_names: Tuple[str, ...] = ()    # training sources, when there are any
+  source_sample: Any = None    # seed -> [pool indices of each source]
+  eval_sources: Dict[str, np.ndarray] = dataclasses.field(
+      default_factory=dict)    # split -> source id per example (-1: none)
+  regime_grids: Dict[str, Tuple[float, ...]] = dataclasses.field(
+      default_factory=dict)    # optimizer -> learning rates of the regimes
+  source_rule: str = ''        # how the sources were made, for the report
 
   def key(self):
     return self.program_key or f'{self.name}/{self.regime}'
@@ -95,7 +105,8 @@ def _sk_predict(trainable, frozen, rest, x):
 
 
 def sklearn_problem(name: str, *, steps: int, batch: int = 16,
-                    hidden: int = 64) -> Problem:
+                    hidden: int = 64, source_shots: Optional[int] = None
+                    ) -> Problem:
   """A small MLP trained from scratch on a few examples of a sklearn set."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
@@ -130,6 +141,23 @@ def sklearn_problem(name: str, *, steps: int, batch: int = 16,
                           for a in (y_pool, y_va, y_te)]
     n_cls = 1
   d_in = x.shape[1]
+
+  # Two sources for the regimes stage, defined by the features: the sum of
+  # an example's (scaled) features, below or above its median over the
+  # pool ('low' / 'high': digits: ink; breast cancer: overall size).
+  # Validation and test examples are split by the same threshold.
+  threshold = float(np.median(x_pool.sum(1)))
+  src_of = lambda a: (a.sum(1) > threshold).astype(np.int32)
+  src_pool = src_of(x_pool)
+  per_source = source_shots or -(-shots // 2)
+
+  def source_sample(seed):
+    rng = np.random.default_rng([seed, 5])
+    out = []
+    for src in (0, 1):
+      idx = np.flatnonzero(src_pool == src)
+      out.append(idx[_stratified_sample(y_pool[idx], per_source, rng)])
+    return out
 
   def pad(a, rows):
     out = np.zeros((rows, _SK_FEATURES), np.float32)
@@ -176,7 +204,15 @@ def sklearn_problem(name: str, *, steps: int, batch: int = 16,
       loss=_sk_loss, predict=_sk_predict, evals=evals, majority=majority,
       batch=batch, steps=steps, lr_grid=(1e-3, 3e-3, 1e-2, 3e-2),
       sweep_grid=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), weight_decay=1e-4,
-      program_key='sklearn-mlp')
+      program_key='sklearn-mlp', num_classes=n_cls,
+      class_names=tuple(str(c) for c in range(n_cls)),
+      source_names=('low', 'high') if kind == 'classification' else (),
+      source_sample=source_sample if kind == 'classification' else None,
+      eval_sources={'val': src_of(x_va), 'test': src_of(x_te)},
+      regime_grids={'adamw': (3e-3, 1e-2, 3e-2), 'sgdm': (0.03, 0.1, 0.3)},
+      source_rule=(f'feature sum of the (scaled) inputs below / above its '
+                   f'pool median {threshold:.3g}; {per_source} shots per '
+                   f'class from each'))
 
 
 # ---------------------------------------------------------------------------
@@ -191,6 +227,7 @@ def minilm_problem(task_name: str, regime: str, *, steps: int, batch: int = 16,
                    max_len: Optional[int] = None, compute_dtype=jnp.bfloat16,
                    max_eval: Optional[int] = None, eval_chunk: int = 256,
                    seeds_needed: Sequence[int] = (), num_layers=None,
+                   sources: bool = False, source_shots: Optional[int] = None,
                    encoder_cache: Dict[str, Any] = {}) -> Problem:  # pylint: disable=dangerous-default-value
   """MiniLM + a linear head, full fine-tuning (regime 'full') or LoRA.
 
@@ -225,6 +262,41 @@ def minilm_problem(task_name: str, regime: str, *, steps: int, batch: int = 16,
         texts.append((text, int(label)))
       ids.append(index[text])
     samples[seed] = np.asarray(ids)
+
+  # Sources (tweets only): annotator confidence, 'sure' = at least the upper
+  # tertile of the training pool's confidences, 'unsure' = below the lower
+  # tertile (tweets with no confidence value in neither); each seed draws
+  # source_shots per class from each source (default half the task's
+  # shots), seeded by (seed, 5, source).
+  source_samples, eval_conf, source_rule = {}, None, ''
+  if sources and task_name == 'tweets':
+    conf = text_data.tweet_confidence(task.train[0])
+    lo, hi = np.nanquantile(conf, [1 / 3, 2 / 3])
+    eval_conf = (lo, hi)
+    src_train = np.where(conf >= hi, 0, np.where(conf < lo, 1, -1))
+    per_source = source_shots or shots // 2
+    source_rule = (f'annotator confidence >= {hi:.4g} (the upper tertile of '
+                   f'the pool\'s {np.sum(np.isfinite(conf))} rated tweets; '
+                   f'{np.sum(src_train == 0)} tweets) = sure, < {lo:.4g} '
+                   f'(lower tertile; {np.sum(src_train == 1)}) = unsure; '
+                   f'{per_source} shots per class from each')
+    for seed in seeds_needed:
+      parts = []
+      for src in (0, 1):
+        rng = np.random.default_rng([seed, 5, src])
+        chosen = []
+        for c in range(n_cls):
+          cand = np.flatnonzero((src_train == src) & (task.train[1] == c))
+          chosen.append(rng.choice(cand, per_source, replace=False))
+        ids = []
+        for i in rng.permutation(np.concatenate(chosen)):
+          text = task.train[0][i]
+          if text not in index:
+            index[text] = len(texts)
+            texts.append((text, int(task.train[1][i])))
+          ids.append(index[text])
+        parts.append(np.asarray(ids))
+      source_samples[seed] = parts
   pool_ids, pool_mask = minilm.tokenize([t for t, _ in texts], max_len)
   pool_y = np.asarray([l for _, l in texts], np.int32)
 
@@ -284,10 +356,14 @@ def minilm_problem(task_name: str, regime: str, *, steps: int, batch: int = 16,
                                                    deterministic=True)
     return jnp.argmax(logits, -1).astype(jnp.int32)
 
-  evals, majority = {}, {}
+  evals, majority, eval_sources = {}, {}, {}
   for split, data in (('val', task.validation), ('test', task.test)):
     if max_eval:
       data = text_data.subsample(data, max_eval)
+    if eval_conf is not None:
+      conf = text_data.tweet_confidence(data[0])
+      eval_sources[split] = np.where(conf >= eval_conf[1], 0, np.where(
+          conf < eval_conf[0], 1, -1)).astype(np.int32)
     ids, mask = minilm.tokenize(data[0], max_len)
     evals[split] = ((jnp.asarray(_chunk(ids, eval_chunk)),
                      jnp.asarray(_chunk(mask, eval_chunk))),
@@ -304,7 +380,14 @@ def minilm_problem(task_name: str, regime: str, *, steps: int, batch: int = 16,
       y_pool=jnp.asarray(pool_y), sample=sample, init_lanes=init_lanes,
       frozen=frozen, rest=rest, loss=loss, predict=predict, evals=evals,
       majority=majority, batch=batch, steps=steps, lr_grid=lr_grid,
-      sweep_grid=sweep_grid, weight_decay=0.01)
+      sweep_grid=sweep_grid, weight_decay=0.01, num_classes=n_cls,
+      class_names=tuple(task.classes),
+      source_names=('sure', 'unsure') if source_samples else (),
+      source_sample=source_samples.__getitem__ if source_samples else None,
+      eval_sources=eval_sources, source_rule=source_rule,
+      regime_grids=({'adamw': (3e-4, 1e-3, 3e-3), 'sgdm': (0.03, 0.1, 0.3)}
+                    if regime == 'lora' else
+                    {'adamw': (5e-5, 1e-4, 2e-4), 'sgdm': (1e-3, 3e-3, 1e-2)}))
 
 
 
@@ -314,7 +397,8 @@ def build_problems(args):
   problems = {}
   if args.suite == 'sklearn':
     for t in args.tasks or SKLEARN_TASKS:
-      problems[(t, 'full')] = sklearn_problem(t, steps=args.steps or 150)
+      problems[(t, 'full')] = sklearn_problem(
+          t, steps=args.steps or 150, source_shots=args.source_shots)
   else:
     for t in args.tasks or tuple(MINILM_TASKS):
       for regime in args.regimes:
@@ -322,7 +406,9 @@ def build_problems(args):
             t, regime, steps=args.steps or 60, lora_rank=args.lora_rank,
             compute_dtype=jnp.dtype(args.compute_dtype),
             max_eval=args.max_eval, seeds_needed=sorted(set(seeds_needed)),
-            num_layers=args.num_layers)
+            num_layers=args.num_layers,
+            sources='regimes' in args.stages and 'sources' in args.conditions,
+            source_shots=args.source_shots)
   if args.lr_grid or args.sweep_grid:
     for p in problems.values():
       if args.lr_grid:

