@@ -150,3 +150,134 @@ def test_tiny_sklearn_suite_end_to_end(tmp_path):
                   'Learning-rate sweep'):
     assert heading in text
   assert json.loads(out.read_text().splitlines()[-1])['kind'] == 'run'
+
+
+# ---------------------------------------------------------------- regimes
+
+
+def test_tiny_regimes_stage_end_to_end(tmp_path):
+  """The regimes stage of issue 24 on the sklearn suite (tiny mode)."""
+  import stability  # pylint: disable=g-import-not-at-top
+  import _stability_regimes as rg  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'regimes.jsonl'
+  argv = ['--suite', 'sklearn', '--tiny', '--stages', 'regimes',
+          '--tasks', 'digits', 'breast_cancer', '--out', str(out)]
+  stability.main(argv)
+  runs, metas = st.load([out])
+  args = stability.parse_args(argv)
+  problems = stability.build_problems(args)
+  assert {r['stage'] for r in runs} == {'regimes'}
+  assert {r['condition'] for r in runs} == {'noise', 'sources', 'imbalance'}
+  assert {r['optimizer'] for r in runs} == {'adamw', 'sgdm'}
+  val = {r['seed'] for r in runs if r['split'] == 'val'}
+  test = {r['seed'] for r in runs if r['split'] == 'test'}
+  assert val.isdisjoint(test) and test == set(range(args.seeds))
+  for r in runs:
+    assert np.isfinite(r['metric']) or r['failed']
+    assert r['failed'] == (not np.isfinite(r['final_loss'])
+                           or r['accuracy'] <= r['chance'] + 0.05)
+  # Each arm at its own rate, chosen on validation from the grid.
+  chosen = [m for m in metas if m.get('stage') == 'regimes'
+            and 'chosen_lr' in m]
+  for m in chosen:
+    grid = problems[(m['task'], 'full')].regime_grids[m['optimizer']]
+    assert m['chosen_lr'] in grid and len(m['val_scores']) == len(grid)
+  assert len([m for m in metas if m.get('regimes_done')]) == 2 * 3 * 2
+
+  # Noise: the flips are the seed's alone (same for every arm and lr), the
+  # requested share, nested across fractions, and always to another class.
+  noisy = [r for r in runs if r['condition'] == 'noise' and r['noise'] > 0]
+  flips = {}
+  for r in noisy:
+    key = (r['task'], r['seed'], r['noise'])
+    flips.setdefault(key, set()).add(tuple(r['flipped']))
+    assert len(r['flipped']) == round(r['noise'] * r['n_train'])
+  assert all(len(v) == 1 for v in flips.values())
+  for (task, seed, nz), f in flips.items():
+    if nz < max(args.noise):
+      assert set(next(iter(f))) <= set(next(iter(
+          flips[(task, seed, max(args.noise))])))
+  p = problems[('digits', 'full')]
+  sample, labels, flipped = rg.flips(p, 0, 0.4)
+  y = np.asarray(p.y_pool)[sample].astype(int)
+  assert flipped.sum() == round(0.4 * len(sample))
+  assert np.all(labels[flipped] != y[flipped])
+  assert np.all(labels[~flipped] == y[~flipped])
+  order, lab, fl = rg.lane_data(p, stability.Lane('grain', 0.1, 0, 16, 1,
+                                                  condition='noise',
+                                                  noise=0.4), 2)
+  assert set(order.ravel()) == set(sample)
+  assert np.array_equal(fl.astype(bool), np.isin(order, sample[flipped]))
+  ratios = [r['flip_weight_ratio'] for r in noisy if r['method'] == 'grain']
+  assert ratios and all(np.isfinite(ratios)) and all(x > 0 for x in ratios)
+
+  # Imbalance: the rare (last) class keeps --rare-shots, the others theirs.
+  rare = rg.imbalanced_sample(p, 0, args.rare_shots)
+  counts = np.bincount(np.asarray(p.y_pool)[rare].astype(int), minlength=10)
+  assert counts[9] == args.rare_shots and np.all(counts[:9] == 5)
+  assert {r['rare_class'] for r in runs if r['condition'] == 'imbalance'} == {
+      '9', '1'}
+
+  # Sources: each batch is half of each source, in source order, so with
+  # m = 2 every group is one source and with m = 4 two groups per source.
+  parts = p.source_sample(0)
+  order, _, _ = rg.lane_data(p, stability.Lane('grain', 0.1, 0, 2, 1,
+                                               condition='sources'), 2)
+  assert np.all(np.isin(order[:, :8], parts[0]))
+  assert np.all(np.isin(order[:, 8:], parts[1]))
+  src = [r for r in runs if r['condition'] == 'sources' and
+         r['split'] == 'test']
+  assert {r['m'] for r in src} == {2, 4}
+  for r in src:
+    assert r['metric'] == r['worst_source'] == min(
+        r['source_accuracy'].values())
+
+  # The mean arm does not depend on how the batch is grouped (m = 16 and
+  # m = 4 at the same seed and rate give the same run) ...
+  mean = {}
+  for r in runs:
+    if r['condition'] == 'noise' and r['method'] == 'mean':
+      mean.setdefault((r['task'], r['optimizer'], r['noise'], r['lr'],
+                       r['seed'], r['split']), {})[r['m']] = r['final_loss']
+  pairs = [v for v in mean.values() if len(v) == 2]
+  assert pairs and all(v[16] == pytest.approx(v[4], rel=1e-5)
+                       for v in pairs)
+  # ... and is plain AdamW / SGD on the batch gradient: its training-loss
+  # trajectory equals that of the program with no groups at all.
+  runner = stability.Runner(4, lambda msg: None)
+  data = lambda prob, lane: rg.lane_data(prob, lane, 2)
+  for opt, lr in (('adamw', 0.03), ('sgdm', 0.3)):
+    lanes = [stability.Lane(arm, lr, 1, 16, 1, condition='noise', noise=0.4)
+             for arm in ('mean', 'grain')]
+    cfg = stability.Config(optimizer=opt, cells=16, slots=16, window=1,
+                           variant='regimes', track_flips=True)
+    grouped = runner.run(p, cfg, lanes, data)
+    plain = runner.run(p, stability.Config(optimizer=opt, cells=0, slots=0,
+                                           window=1), lanes[:1], data)
+    np.testing.assert_allclose(grouped[0]['trace']['loss'],
+                               plain[0]['trace']['loss'], rtol=2e-5)
+    assert not np.allclose(grouped[1]['trace']['loss'],
+                           plain[0]['trace']['loss'], rtol=1e-3)
+
+  # Resume: a second run on the same file skips every finished job.
+  n = len(out.read_text().splitlines())
+  stability.main(argv)
+  assert len([l for l in out.read_text().splitlines()[n:]
+              if '"split"' in l]) == 0
+
+  # The report: the hand-written protocol survives, the tables render.
+  md = tmp_path / 'STABILITY.md'
+  md.write_text('old\n<!-- regimes-protocol:start (hand-written; kept by '
+                '--report) -->\nPROTOCOL TEXT\n<!-- regimes-protocol:end -->'
+                '\nold tables\n')
+  stability.report([str(md), str(out)])
+  text = md.read_text()
+  assert 'PROTOCOL TEXT' in text and 'old tables' not in text
+  for heading in ('Regimes study (issue 24): sklearn suite',
+                  '### digits: noise (metric: accuracy)',
+                  '### digits: sources (metric: worst_source)',
+                  '### breast_cancer: imbalance (metric: worst_class)',
+                  'grain − mean@grain-norm', 'flipped/clean weight',
+                  'paired comparisons in this section'):
+    assert heading in text
+  assert (tmp_path / 'REGIMES.png').exists()
