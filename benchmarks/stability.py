@@ -45,6 +45,15 @@ writes everything so far):
 * ``timing``: the ``plain`` step (no groups) and ``grain(num_groups=m)`` as
   a user runs it, at the mean's tuned rate on the test seeds (first task
   only), for the step-time ratio.
+* ``regimes`` (issue 24; not in the default list, ask for it): where the
+  groups genuinely disagree: ``--conditions noise`` (``--noise`` fractions
+  of the training labels flipped, m in ``--regime-groups``), ``sources``
+  (batches stratified by source, ``--source-groups`` groups per source) and
+  ``imbalance`` (the last class keeps ``--rare-shots`` examples); the four
+  arms, AdamW and SGD + momentum (``--regime-optimizers``), each arm at its
+  own learning rate chosen on the validation seeds; the pre-registered
+  protocol is in benchmarks/STABILITY.md, the details in
+  ``_stability_regimes.py``.
 
 Suites: ``sklearn`` (CPU, a few minutes: digits, breast cancer and diabetes
 regression, small MLPs trained from scratch on a few examples: the same code
@@ -73,8 +82,12 @@ point, ``main``, and re-exports the names tests and notes use):
   in fixed-size chunks) and the per-run JSON record (``_record``).
 * ``_stability_stages.py``: ``Study``: the stages above, their plan and the
   ``--budget-seconds`` guard.
+* ``_stability_regimes.py``: the regimes stage (a mixin of ``Study``): each
+  lane's data (flipped labels, sources, the rare class), its record, and
+  resuming a file's finished jobs.
 * ``_stability_report.py``: ``--report``: the markdown and figure from the
-  JSON lines alone.
+  JSON lines alone; ``_stability_regimes_report.py``: the regimes sections,
+  verdicts and ``REGIMES.png`` (the protocol section is kept).
 * ``_stability_stats.py``: statistics (bootstrap CIs, Brown-Forsythe, churn)
   and the markdown tables.
 """
