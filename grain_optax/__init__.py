@@ -25,6 +25,7 @@ from grain_optax._src.solvers import kkt_residual
 from grain_optax._src.solvers import min_norm_weights
 from grain_optax._src.solvers import MinNormSolution
 from grain_optax._src.solvers import SOLVERS
+from grain_optax._src.solvers import SolverOptions
 from grain_optax._src.state import AccumulateState
 from grain_optax._src.state import grain_statistics
 from grain_optax._src.state import GrainState
@@ -53,5 +54,6 @@ __all__ = (
     'MinNormSolution',
     'nnx_group_value_and_grad',
     'SOLVERS',
+    'SolverOptions',
     'split_into_groups',
 )

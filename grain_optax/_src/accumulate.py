@@ -46,12 +46,13 @@ def accumulate(
     every_k: EveryK,
     max_every_k: Optional[int] = None,
     buffer_dtype: Optional[Any] = None,
-    solver: validation.Solver = 'exact',
+    solver: solvers.Solver = 'exact',
     tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[int] = None,
     regularization: jax.typing.ArrayLike = 1e-7,
     stepsize: jax.typing.ArrayLike = 0.0,
     apply: str = 'grain',
+    solver_options: Optional[solvers.SolverOptions] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GRAIN across mini-batches: one inner step on the min-norm point of k.
 
@@ -141,6 +142,8 @@ def accumulate(
       learning rates ``'grain'`` did not beat the mean (MiniLM), nor did
       the two rescaled arms (small MLPs). See ``docs/when_grain_helps.md``
       and ``docs/guides/monitor.md``.
+    solver_options: the solver options as one :class:`SolverOptions`, in
+      place of ``solver`` ... ``stepsize`` (see :func:`grain`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -149,7 +152,9 @@ def accumulate(
 
   Raises:
     ValueError: for ``every_k < 1``, a non-int ``every_k`` without
-      ``max_every_k``, an unknown solver, a ``buffer_dtype`` that is not a
+      ``max_every_k``, an unknown solver, ``solver_options`` with a flat
+      solver keyword that differs from its default, a ``buffer_dtype`` that
+      is not a
       floating dtype, or (when tracing ``update``) updates that are not
       shaped like the params, naming the leaf and its shape.
 
@@ -172,9 +177,10 @@ def accumulate(
   apply = variants.check_apply(apply, caller)
   every_k, max_every_k = validation.window(every_k, max_every_k, caller)
   # Numeric solver options may be arrays (optax.inject_hyperparams).
-  solve = solvers.make_solve(
-      solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
-                            stepsize), caller=caller)
+  options = solvers.check_options(solvers.merge_options(
+      solver_options, caller=caller, solver=solver, tolerance=tolerance,
+      max_iterations=max_iterations, regularization=regularization,
+      stepsize=stepsize), caller=caller)
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
         'grain_optax.accumulate: inner must be an optax '
@@ -227,19 +233,19 @@ def accumulate(
 
     def close_window():
       in_window = (jnp.arange(num_slots) < filled) & in_use
-      d, sol, gram = mnp_lib.run(None, buffer, solve, in_window, apply=apply)
-      # Every gradient that takes part is non-finite: NaN for inner (as
-      # grain() does), so that an inner optax.apply_if_finite skips the step.
-      d = mnp_lib.nan_if_none_left(d, sol.weights, jnp.any(in_window))
-      d = optax.tree.cast_like(d, updates)
+      # If every gradient that takes part is non-finite, d is NaN (as in
+      # grain()), so that an inner optax.apply_if_finite skips the step.
+      step = mnp_lib.run(buffer, options, group_mask=in_window, apply=apply,
+                         caller=caller)
+      d = optax.tree.cast_like(step.update, updates)
       new_updates, new_inner = step_inner(d, state.inner_state)
       # Typed as before, Python scalars included (both branches of the cond
       # must agree, also under jax_enable_x64).
       new_inner = jax.tree_util.tree_map(
           lambda new, old: jnp.asarray(new).astype(jnp.asarray(old).dtype),
           new_inner, state.inner_state)
-      stats = state_lib.solution_state(state.stats, gram, sol, mask=in_window,
-                                       apply=apply)
+      stats = state_lib.solution_state(state.stats, step.solution,
+                                       step.statistics)
       return new_updates, new_inner, stats
 
     def hold():

@@ -133,14 +133,31 @@ def gram_of_leaves(leaves: Sequence[jax.Array],
   if not param_axes:
     return total(grams)
   over = set(param_axes)
-  blocks = [g for g, leaf in zip(grams, leaves)
-            if over & axes_lib.varying_axes(leaf)]
-  whole = [g for g, leaf in zip(grams, leaves)
-           if not over & axes_lib.varying_axes(leaf)]
-  gram = jax.lax.psum(total(blocks), param_axes) if blocks else None
+  return summed_partials(
+      grams, [bool(over & axes_lib.varying_axes(leaf)) for leaf in leaves],
+      param_axes=param_axes)
+
+
+def summed_partials(grams: Sequence[jax.Array], sharded: Sequence[bool], *,
+                    axes: Tuple[Any, ...] = (),
+                    param_axes: Tuple[Any, ...] = ()) -> jax.Array:
+  """The Gram from partial Grams inside ``shard_map``.
+
+  A partial Gram whose ``sharded`` entry is True comes from a block of
+  parameters sharded over ``param_axes``: it is summed over ``axes`` and
+  ``param_axes``. The others (parameters replicated over ``param_axes``)
+  are summed over ``axes`` only, so that they count once.
+  """
+  whole = [g for g, s in zip(grams, sharded) if not s]
+  blocks = [g for g, s in zip(grams, sharded) if s]
+  gram = None
   if whole:
-    rest = total(whole)
-    gram = rest if gram is None else gram + rest
+    gram = total(whole)
+    if axes:
+      gram = jax.lax.psum(gram, axes)
+  if blocks:
+    part = jax.lax.psum(total(blocks), tuple(axes) + tuple(param_axes))
+    gram = part if gram is None else gram + part
   return gram
 
 

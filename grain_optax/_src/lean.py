@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from grain_optax._src import gram as gram_lib
 from grain_optax._src import grouping
+from grain_optax._src import min_norm_point as mnp_lib
 from grain_optax._src import solvers
-from grain_optax._src import state as state_lib
 from grain_optax._src import validation
 from grain_optax._src import variants
 
@@ -69,7 +69,7 @@ class GrainGrad(NamedTuple):
   num_excluded: jax.Array
 
 
-def _first_pass_gram(per_group: Any) -> jax.Array:
+def _first_pass_gram(per_group: Any, backend: Optional[str]) -> jax.Array:
   """The Gram of the first pass's group gradients, one buffer per leaf.
 
   XLA rewrites a dot that contracts several axes of ``[m, *param_shape]``
@@ -80,7 +80,8 @@ def _first_pass_gram(per_group: Any) -> jax.Array:
   that it reads twice: one buffer per leaf. Only on the CPU, and only for
   leaves whose type names no mesh; elsewhere the axes are contracted in
   place, as :func:`gram_matrix` does (the reshape would make the partitioner
-  gather a leaf sharded along a minor axis).
+  gather a leaf sharded along a minor axis). ``backend`` is
+  ``SolverOptions.gram_backend``.
   """
   leaves = jax.tree_util.tree_leaves(per_group)
 
@@ -90,10 +91,13 @@ def _first_pass_gram(per_group: Any) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 
   def on_cpu(*xs):
-    return gram_lib.gram_of_leaves([as_matrix(x) for x in xs])
+    return gram_lib.gram_of_leaves([as_matrix(x) for x in xs],
+                                   backend=backend)
 
-  return jax.lax.platform_dependent(
-      *leaves, cpu=on_cpu, default=lambda *xs: gram_lib.gram_of_leaves(xs))
+  def elsewhere(*xs):
+    return gram_lib.gram_of_leaves(xs, backend=backend)
+
+  return jax.lax.platform_dependent(*leaves, cpu=on_cpu, default=elsewhere)
 
 
 def grain_value_and_grad(
@@ -105,7 +109,7 @@ def grain_value_and_grad(
     batch_argnums: Union[int, Sequence[int]] = 1,
     chunk_size: Optional[int] = None,
     example_mask: Optional[Callable[..., Any]] = None,
-    solver: validation.Solver = 'exact',
+    solver: solvers.Solver = 'exact',
     tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[int] = None,
     regularization: jax.typing.ArrayLike = 1e-7,
@@ -113,6 +117,7 @@ def grain_value_and_grad(
     grad_dtype: str = 'backward',
     split_sums: bool = True,
     apply: str = 'grain',
+    solver_options: Optional[solvers.SolverOptions] = None,
 ) -> Callable[..., GrainGrad]:
   r"""The GRAIN gradient of a loss in the memory of an ordinary step.
 
@@ -195,6 +200,8 @@ def grain_value_and_grad(
       learning rates ``'grain'`` did not beat the mean (MiniLM), nor did
       the two rescaled arms (small MLPs). See ``docs/when_grain_helps.md``
       and ``docs/guides/monitor.md``.
+    solver_options: the solver options as one :class:`SolverOptions`, in
+      place of ``solver`` ... ``stepsize`` (see :func:`grain`).
 
   Returns:
     A function with the signature of ``loss_fn`` returning a
@@ -202,7 +209,9 @@ def grain_value_and_grad(
     solver's figures, ``aux`` and the statistics of :class:`GrainState`).
 
   Raises:
-    ValueError: for ``num_groups < 1``, an unknown solver, a batch argument
+    ValueError: for ``num_groups < 1``, an unknown solver,
+      ``solver_options`` with a flat solver keyword that differs from its
+      default, a batch argument
       that is also differentiated, or (when called) a batch size that
       ``num_groups`` does not divide.
 
@@ -224,9 +233,10 @@ def grain_value_and_grad(
   caller = 'grain_optax.grain_value_and_grad'
   num_groups = validation.check_num_groups(num_groups)
   apply = variants.check_apply(apply, caller)
-  solve = solvers.make_solve(
-      solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
-                            stepsize), caller=caller)
+  options = solvers.check_options(solvers.merge_options(
+      solver_options, caller=caller, solver=solver, tolerance=tolerance,
+      max_iterations=max_iterations, regularization=regularization,
+      stepsize=stepsize), caller=caller)
   per_group_fn = grouping.group_value_and_grad(
       loss_fn, num_groups, has_aux=has_aux, argnums=argnums,
       batch_argnums=batch_argnums, chunk_size=chunk_size,
@@ -263,35 +273,31 @@ def grain_value_and_grad(
     if example_mask is not None:
       mask = grouping.group_mask_of(
           example_mask, [args[i] for i in batch_idx], num_groups, caller)
-    gram = _first_pass_gram(per_group)
-    sol = solve(gram, mask)
-    weights = jax.lax.stop_gradient(sol.weights)
-    coef = jax.lax.stop_gradient(
-        variants.coefficients(apply, gram, weights, mask))
-    _, valid, _ = solvers.normalize_gram(gram, mask)
     groups = tuple(grouping.split_into_groups(args[i], num_groups)
                    for i in batch_idx)
-    # A non-finite group (weight 0) would still put 0 * NaN into the second
-    # pass; give it the examples of the heaviest group instead (still with
-    # weight 0). Branch-free: no lax.cond, so no host round trip on a GPU.
-    source = jnp.argmax(weights)
-    groups = jax.tree_util.tree_map(
-        lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x,
-                            x[source]), groups)
-    grads = weighted_grad(args, kwargs, groups, coef)
-    # No group left: zeros if the mask left none out of the step, NaN if
-    # every group that takes part is non-finite (as grain() does), so that
-    # optax.apply_if_finite sees the step instead of a silent zero.
-    any_valid = jnp.any(valid)
-    taking_part = jnp.any(mask) if mask is not None else True
-    empty = jnp.where(taking_part, jnp.nan, 0.0)
-    grads = jax.tree_util.tree_map(
-        lambda g: jnp.where(any_valid, g, empty.astype(g.dtype)), grads)
-    stats = state_lib.solve_statistics(gram, sol.weights, mask, apply)
+
+    def second_pass(coefficients, step):
+      # A non-finite group (weight 0) would still put 0 * NaN into the
+      # second pass; give it the examples of the heaviest group instead
+      # (still with weight 0). Branch-free: no lax.cond, so no host round
+      # trip on a GPU.
+      source = jnp.argmax(jax.lax.stop_gradient(step.solution.weights))
+      valid = step.valid
+      filled = jax.tree_util.tree_map(
+          lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x,
+                              x[source]), groups)
+      return weighted_grad(args, kwargs, filled,
+                           jax.lax.stop_gradient(coefficients))
+
+    step = mnp_lib.run(
+        per_group, options, group_mask=mask, apply=apply,
+        gram=_first_pass_gram(per_group, options.gram_backend),
+        combine=second_pass, caller=caller)
     return GrainGrad(
-        losses=losses, grads=grads, weights=sol.weights, gram=gram,
-        kkt_residual=sol.kkt_residual, num_iterations=sol.num_iterations,
-        aux=aux, **stats._asdict())
+        losses=losses, grads=step.update, weights=step.solution.weights,
+        gram=step.gram, kkt_residual=step.solution.kkt_residual,
+        num_iterations=step.solution.num_iterations, aux=aux,
+        **step.statistics._asdict())
 
   return wrapped
 

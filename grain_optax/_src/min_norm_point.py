@@ -1,314 +1,185 @@
-r"""GRAIN across devices at the communication cost of a gradient all-reduce.
+r"""The one orchestrator of a GRAIN step: placement, policy, one result.
 
-In data-parallel training every device computes the gradient of its shard of
-the batch and the gradients are averaged with an all-reduce, which sends about
-:math:`2P(D-1)/D` values per device for :math:`P` parameters on :math:`D`
-devices. The per-device gradients are natural groups for GRAIN, and the
-min-norm point of :math:`m = kD` of them (:math:`k` groups per device) costs no
-more traffic than their mean when computed as follows:
+:func:`run` computes everything a step of :func:`grain`, :func:`accumulate`,
+:func:`grain_value_and_grad` or :func:`min_norm_point` needs, and those are
+adapters around it:
 
-1. all-to-all: device :math:`s` receives parameter block :math:`s` of every
-   group gradient (:math:`kP(D-1)/D` values, like a reduce-scatter);
-2. every device forms the partial Gram matrix of its block,
-   :math:`K^{(s)} = G_s G_s^\top`, and the :math:`m \times m` matrices are
-   summed with an all-reduce, :math:`K = \sum_s K^{(s)}`;
-3. every device solves the same simplex QP on the same :math:`K` and combines
-   its block, :math:`d_s = \sum_i w_i g_{i,s}`;
-4. all-gather of the blocks :math:`d_s` (:math:`P(D-1)/D` values).
-
-For :math:`k = 1` that is :math:`2P(D-1)/D` plus :math:`m^2` floats: the bytes
-of the all-reduce. With :math:`k` groups per device the all-to-all carries
-:math:`k` times more, :math:`(k+1)/2` times the all-reduce in total.
-
-:func:`min_norm_point` is the one orchestrator of Gram, solve and combine:
-:func:`grain`, :func:`accumulate` and :func:`grain_value_and_grad` call
-:func:`run` (or :func:`gram_and_solution`) here. It runs in three forms,
-chosen at trace time by :func:`plan.make_plan`:
-
-* under ``jax.shard_map`` (or ``pmap``), with manual collectives over a named
-  axis (``grain(axis_name='data')``) and, for parameters sharded along their
-  dimensions, a psum of partial Grams over the parameter axis
-  (``param_axis_name``);
-* under ``jax.jit`` with sharded arrays: sharding constraints that make the
-  partitioner emit the same collectives. Automatic when the group axis is
-  sharded over ``Explicit`` mesh axes (visible in ``jax.typeof``); with
-  ``Auto`` axes pass ``axis_name`` (the partitioner's choice is not visible at
-  trace time);
-* gradients sharded along parameter dimensions under ``jax.jit`` (FSDP, tensor
-  parallelism) need nothing: the partitioner sums partial Grams itself.
-
-:func:`collective_bytes` (in :mod:`collectives`) reads the collectives of a
-compiled program, to check the cost on the machine at hand.
+1. where it runs: :func:`plan.make_plan` reads the :class:`Placement` and the
+   updates' layout (one device, ``jax.shard_map`` or ``jax.jit`` with
+   sharded arrays); the group count over all devices is checked, and inside
+   ``shard_map`` the group mask of all devices is gathered;
+2. Gram, solve and combine, on one device here or in one of the distributed
+   forms of :mod:`distributed`, with the Gram normalised once
+   (:func:`solvers.normalize_gram`) for the solve and the statistics;
+3. the policy when no group is left: an all-NaN update if groups take part
+   but none is finite (as the plain mean would be, so that
+   ``optax.apply_if_finite`` sees the step), zeros if none takes part;
+4. one :class:`Step`: the update, the solution, the Gram, the included
+   groups and the :class:`state.Statistics`.
 
 References:
   GRAIN: Group Aggregation via min-norm objective, arXiv:2606.22917.
 """
 
-import math
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 
 from grain_optax._src import axes as axes_lib
 from grain_optax._src import combine as combine_lib
+from grain_optax._src import distributed
 from grain_optax._src import gram as gram_lib
 from grain_optax._src import plan as plan_lib
 from grain_optax._src import solvers
-from grain_optax._src import variants
+from grain_optax._src import state as state_lib
 from grain_optax._src import validation
+from grain_optax._src import variants
+
+Placement = plan_lib.Placement
+AxisName = axes_lib.AxisName
 
 
-def _buckets(leaves, key):
-  """Leaf indices grouped by ``key(i)``, in order of first appearance."""
-  groups = {}
-  for i in range(len(leaves)):
-    groups.setdefault(key(i), []).append(i)
-  return list(groups.items())
+class Step(NamedTuple):
+  """The one result of :func:`run`: what a GRAIN step computed.
+
+  Attributes:
+    update: the applied update, shaped like one group (the params), each leaf
+      in its output dtype; all NaN if groups take part but none is finite.
+    solution: the :class:`MinNormSolution` (``[m]`` float32 min-norm
+      weights over all groups of all devices, KKT residual, iterations).
+    gram: the ``[m, m]`` float32 Gram matrix of all groups.
+    valid: ``[m]`` bool, the groups that took part and were finite.
+    statistics: the :class:`state.Statistics` of the solve (norm ratio,
+      cosines, effective groups, non-finite and excluded counts).
+  """
+  update: Any
+  solution: solvers.MinNormSolution
+  gram: jax.Array
+  valid: jax.Array
+  statistics: state_lib.Statistics
 
 
-def _flatten_bucket(leaves, idx, rows, multiple, dtype):
-  x = jnp.concatenate([leaves[i].reshape(rows, -1).astype(dtype)
-                       for i in idx], axis=1)
-  n = x.shape[1]
-  pad = (-n) % multiple
-  if pad:
-    x = jnp.pad(x, ((0, 0), (0, pad)))
-  return x, n
+class _Solved(NamedTuple):
+  """A solve and the normalised Gram it ran on (:mod:`distributed` replaces
+  ``weights`` by their replicated form)."""
+  weights: jax.Array
+  kkt_residual: jax.Array
+  num_iterations: jax.Array
+  normalized: jax.Array
+  valid: jax.Array
 
 
-def _unflatten_bucket(flat, leaves, idx, out):
-  offset = 0
-  for i in idx:
-    shape = leaves[i].shape[1:]
-    size = math.prod(shape)
-    out[i] = flat[offset:offset + size].reshape(shape)
-    offset += size
+def _none_left(update: Any, any_valid: jax.Array, taking_part: Any) -> Any:
+  """``update``, or where no group is left NaN (groups take part) or 0."""
+  empty = jnp.where(taking_part, jnp.nan, 0.0)
+  return jax.tree_util.tree_map(
+      lambda u: jnp.where(any_valid, u, empty.astype(u.dtype))
+      if jnp.issubdtype(u.dtype, jnp.inexact) else u, update)
 
 
-def _moved_dtype(leaf, communication_dtype):
-  """The dtype a leaf's blocks move between devices in."""
-  if communication_dtype is None:
-    return jnp.dtype(leaf.dtype)
-  return jnp.dtype(communication_dtype)
-
-
-def _run_manual(plan, leaves, solve, communication_dtype, coef):
-  axes, param_axes, size = plan.axes, plan.param_axes, plan.size
-  k = leaves[0].shape[0]
-  tracked = axes_lib.vma_tracked(tuple(axes) + tuple(param_axes))
-  varying = [axes_lib.varying_axes(leaf) if tracked else None
-             for leaf in leaves]
-  for v, leaf in zip(varying, leaves):
-    if axes and v is not None and not set(axes) <= v:
-      raise ValueError(
-          f'grain_optax: the per-group updates are replicated over the '
-          f'shard_map axis {axes} (a leaf of shape {leaf.shape} does not vary '
-          'over it), so every device holds the same groups. This happens when '
-          'jax.grad runs inside shard_map on replicated params: its transpose '
-          'sums the gradients over the axis. Mark the params as varying before '
-          f'differentiating: jax.lax.pcast(params, {axes!r}, to="varying").')
-  if param_axes:
-    if not tracked:
-      raise ValueError(
-          'grain_optax: param_axis_name needs jax.shard_map with '
-          'check_vma=True (the default) to tell the leaves sharded over the '
-          'parameter axis from the replicated ones.')
-    sharded = []
-    for v, leaf in zip(varying, leaves):
-      over = set(param_axes) & v
-      if over and over != set(param_axes):
-        raise ValueError(
-            f'grain_optax: a leaf of shape {leaf.shape} varies over {over} but '
-            f'not over all of param_axis_name={param_axes}.')
-      sharded.append(bool(over))
-  else:
-    sharded = [False] * len(leaves)
-  if not axes:
-    # Groups not spread, only parameter blocks: no data movement at all.
-    gram = gram_lib.gram_of_leaves(leaves, param_axes)
-    sol = solve(gram)
-    wide = [jnp.promote_types(leaf.dtype, jnp.float32) for leaf in leaves]
-    return (combine_lib.weighted_sum(leaves, coef(gram, sol.weights), wide),
-            sol, gram)
-
-  buckets = _buckets(leaves, lambda i: (
-      _moved_dtype(leaves[i], communication_dtype), sharded[i]))
-  blocks, grams_rep, grams_shard = [], [], []
-  for (dtype, is_sharded), idx in buckets:
-    x, n = _flatten_bucket(leaves, idx, k, size, dtype)
-    if axes:  # Even for one device: the collectives type d as replicated.
-      x = x.reshape(k, size, -1)
-      x = jax.lax.all_to_all(x, axes, 1, 0, tiled=True)
-      x = x.reshape(k * size, -1)
-    blocks.append((x, n, idx))
-    (grams_shard if is_sharded else grams_rep).append(gram_lib.leaf_gram(x))
-  gram = None
-  if grams_rep:
-    part = gram_lib.total(grams_rep)
-    gram = jax.lax.psum(part, axes) if axes else part
-  if grams_shard:
-    part = gram_lib.total(grams_shard)
-    part = jax.lax.psum(part, tuple(axes) + tuple(param_axes))
-    gram = part if gram is None else gram + part
-  sol = solve(gram)
-  c = coef(gram, sol.weights)
-  out = [None] * len(leaves)
-  for x, n, idx in blocks:
-    d = combine_lib.weighted_sum(x, c)
-    if axes:
-      d = axes_lib.all_gather_invariant(d, axes)
-    _unflatten_bucket(d[:n], leaves, idx, out)
-  return out, sol, gram
-
-
-def _leaf_target(trailing, shape, axes, size, sizes):
-  """Where the group-axis-replicated layout puts the data axes of a leaf."""
-  if set(axes) & axes_lib.used_axes(trailing):
-    return trailing  # e.g. FSDP over the batch axis: already in place.
-  best = None
-  for j, (entry, dim) in enumerate(zip(trailing, shape)):
-    shards = math.prod(sizes[a] for a in entry) if entry else 1
-    if dim % (shards * size) == 0 and (best is None or dim > shape[best]):
-      best = j
-  if best is None:
-    return trailing  # No divisible dimension: the partitioner decides.
-  new = list(trailing)
-  new[best] = tuple(trailing[best] or ()) + tuple(axes)
-  return tuple(new)
-
-
-def _run_partitioned(plan, leaves, solve, communication_dtype, coef):
-  axes, size = plan.axes, plan.size
-  m = leaves[0].shape[0]
-  explicit = plan.kind == 'explicit'
-  if explicit:
-    mesh = plan.mesh
-    constrain = lambda x, spec: jax.sharding.reshard(
-        x, NamedSharding(mesh, spec))
-    gram_out = NamedSharding(mesh, PartitionSpec())
-  elif plan.mesh is not None:
-    constrain = lambda x, spec: jax.lax.with_sharding_constraint(
-        x, NamedSharding(plan.mesh, spec))
-    gram_out = None
-  else:
-    constrain = jax.lax.with_sharding_constraint
-    gram_out = None
-
-  flat_path = [not axes_lib.used_axes(t) and not axes_lib.used_axes(o)
-               for t, o in plan.leaf_specs]
-  buckets = _buckets(leaves, lambda i: (
-      _moved_dtype(leaves[i], communication_dtype), flat_path[i]))
-  grams, blocks = [], []
-  for (dtype, is_flat), idx in buckets:
-    if is_flat:
-      # Pin each group gradient where it is made (group axis over the data
-      # axes) before the reshuffle; otherwise the partitioner may pull the
-      # parameter-axis layout back into the backward pass and gather its
-      # inputs (with two groups per device it gathered the token ids and
-      # the per-group embedding cotangent for the embedding's gradient).
-      pinned = list(leaves)
-      if m % size == 0:
-        for i in idx:
-          pinned[i] = constrain(leaves[i], axes_lib.spec(axes))
-      x, n = _flatten_bucket(pinned, idx, m, size, dtype)
-      x = constrain(x, axes_lib.spec(None, axes))
-      grams.append(gram_lib.leaf_gram(x, gram_out))
-      blocks.append((x, n, idx))
-    else:
-      for i in idx:
-        trailing, _ = plan.leaf_specs[i]
-        target = _leaf_target(trailing, leaves[i].shape[1:], axes, size,
-                              plan.mesh_sizes)
-        x = constrain(leaves[i].astype(dtype), axes_lib.spec(None, *target))
-        # Contract in place: flattening would gather minor-axis shards.
-        grams.append(gram_lib.leaf_gram(x, gram_out))
-        blocks.append((x, None, [i]))
-  gram = gram_lib.total(grams)
-  # Replicate K before the solve, or the partitioner splits the QP's loop.
-  gram = constrain(gram, PartitionSpec())
-  sol = solve(gram)
-  weights = constrain(sol.weights, PartitionSpec())
-  c = constrain(coef(gram, weights), PartitionSpec())
-  out = [None] * len(leaves)
-  for x, n, idx in blocks:
-    d = combine_lib.weighted_sum(x, c)
-    if n is not None:
-      # Keep d in blocks until it is whole: otherwise the partitioner
-      # gathers every group gradient instead of the combined one.
-      d = constrain(d, axes_lib.spec(axes))
-      d = constrain(d, PartitionSpec())
-      _unflatten_bucket(d[:n], leaves, idx, out)
-    else:
-      i = idx[0]
-      out[i] = constrain(d, axes_lib.spec(*plan.leaf_specs[i][1]))
-  return out, sol._replace(weights=weights), gram
-
-
-def gram_and_solution(per_group: Any, solve: solvers.Solve, mask: Any = None
-                      ) -> Tuple[jax.Array, solvers.MinNormSolution]:
-  """One device: the Gram matrix of checked per-group updates, and its QP."""
-  gram = gram_lib.gram_of_leaves(jax.tree_util.tree_leaves(per_group))
-  return gram, solve(gram, mask)
-
-
-def run(plan: Optional[plan_lib.Plan], per_group: Any, solve: solvers.Solve,
-        mask: Any = None, *, out_dtypes: Optional[Sequence[Any]] = None,
-        communication_dtype: Any = None,
-        apply: str = 'grain') -> 'MinNormPoint':
-  """The min-norm point of checked per-group updates, as ``plan`` says.
+def run(per_group: Any, options: solvers.SolverOptions, *,
+        placement: Optional[Placement] = None, group_mask: Any = None,
+        num_groups: Optional[int] = None, params: Any = None,
+        communication_dtype: Any = None, apply: str = 'grain',
+        gram: Optional[jax.Array] = None,
+        combine: Optional[Callable[[jax.Array, Step], Any]] = None,
+        nan_if_none_left: bool = True,
+        caller: str = 'grain_optax') -> Step:
+  """One GRAIN step on checked per-group updates, wherever they live.
 
   Args:
-    plan: from :func:`plan.make_plan`; None for one device.
-    per_group: the per-group updates (leaves ``[k, *param_shape]``).
-    solve: ``solve(gram, mask) -> MinNormSolution``, from
-      :func:`solvers.make_solve`.
-    mask: the ``[m]`` bool groups that take part (all ``m`` groups, inside
-      ``shard_map`` too), or None for all.
-    out_dtypes: per leaf, the dtype of the update (None: the leaf's own).
-    communication_dtype: the dtype group blocks and ``d`` move between
-      devices in (None: each leaf's own); unused on one device.
-    apply: what is combined (see :mod:`variants`): ``'grain'`` the min-norm
-      point; the other values rescale or replace its weights by the
-      coefficients :func:`variants.coefficients` gives. ``solution`` always
-      holds the min-norm weights.
+    per_group: the per-group updates, leaves ``[k, *param_shape]`` (inside
+      ``shard_map``, this device's ``k`` groups; elsewhere all ``m``).
+    options: checked solver options (:func:`solvers.check_options`).
+    placement: where to run; None for one device.
+    group_mask: ``[k]`` bool (inside ``shard_map``, this device's groups),
+      False for groups that take no part; None for all.
+    num_groups: the ``m`` the caller was asked for, checked against the
+      groups of all devices; None to skip the check.
+    params: the params of the updates (their dtypes are the update's, and
+      their ``Explicit`` shardings its layout), or None.
+    communication_dtype: the checked dtype group blocks and the update move
+      between devices in (None: each leaf's own); unused on one device.
+    apply: what is combined (see :mod:`variants`); the solution and the
+      statistics are the min-norm point's whatever is applied.
+    gram: one device only: the Gram of ``per_group``, already computed by
+      the caller (the lean mode reduces its first pass into it).
+    combine: one device only: ``combine(coefficients, step)`` makes the
+      update from the ``[m]`` coefficients and the step so far (``update``
+      None); default: their weighted sum of ``per_group``.
+    nan_if_none_left: apply the no-group-left policy (the module docstring,
+      point 3); :func:`min_norm_point` returns the plain weighted sum.
+    caller: the public function, for errors.
+
+  Returns:
+    The :class:`Step`.
+
+  Raises:
+    ValueError: at trace time, for a placement that does not fit the
+      updates, a group count other than ``num_groups``, or a ``group_mask``
+      of the wrong shape.
   """
-  coef = lambda gram, weights: variants.coefficients(apply, gram, weights,
-                                                     mask)
   leaves, treedef = jax.tree_util.tree_flatten(per_group)
-  if out_dtypes is None:
-    out_dtypes = [leaf.dtype for leaf in leaves]
+  local = leaves[0].shape[0]
+  plan = (None if placement is None
+          else plan_lib.make_plan(per_group, placement, params=params,
+                                  caller=caller))
+  manual = plan is not None and plan.kind == 'manual'
+  m = plan.num_groups(local) if plan is not None else local
+  if num_groups is not None and m != num_groups:
+    if manual:
+      raise ValueError(
+          f'{caller}: each device has {local} groups on axis 0 and '
+          f'axis {plan.axes} has {plan.size} devices, {m} groups in all, '
+          f'but grain(num_groups={num_groups}) was asked for.')
+    raise ValueError(
+        f'{caller}: the updates have {m} groups on axis 0, but '
+        f'grain(num_groups={num_groups}) was asked for.')
+  mask = validation.group_mask(group_mask, local, caller)
+  if mask is not None and manual and plan.axes:
+    mask = distributed.full_group_mask(plan, mask, local)
+  out_dtypes = (None if params is None else
+                [jnp.result_type(p) for p in jax.tree_util.tree_leaves(params)])
+
+  def solve(gram):
+    # The one normalisation of the step: the solve and the statistics.
+    k, valid, _ = solvers.normalize_gram(gram, mask)
+    return _Solved(*solvers.solve_normalized(k, valid, options), k, valid)
+
+  def coef(gram, weights):
+    return variants.coefficients(apply, gram, weights, mask)
+
   if plan is None:
-    gram, sol = gram_and_solution(per_group, solve, mask)
-    return MinNormPoint(
-        combine_lib.weighted_sum(per_group, coef(gram, sol.weights),
-                                 out_dtypes), sol, gram)
-  masked_solve = lambda gram: solve(gram, mask)
-  if plan.kind == 'manual':
-    out, sol, gram = _run_manual(plan, leaves, masked_solve,
-                                 communication_dtype, coef)
+    if gram is None:
+      gram = gram_lib.gram_of_leaves(leaves, backend=options.gram_backend)
+    solved = solve(gram)
+    coefficients = coef(gram, solved.weights)
+  elif gram is not None or combine is not None:
+    raise ValueError(f'{caller}: gram= and combine= are for one device.')
+  elif manual:
+    out, solved, gram = distributed.run_manual(
+        plan, leaves, solve, coef, communication_dtype=communication_dtype,
+        gram_backend=options.gram_backend)
   else:
-    out, sol, gram = _run_partitioned(plan, leaves, masked_solve,
-                                      communication_dtype, coef)
-  out = [o.astype(d) for o, d in zip(out, out_dtypes)]
-  return MinNormPoint(jax.tree_util.tree_unflatten(treedef, out), sol, gram)
-
-
-def nan_if_none_left(update: Any, weights: jax.Array,
-                     taking_part: Any = True) -> Any:
-  """All-NaN ``update`` where groups take part but none is finite.
-
-  The weights are all zero exactly when no group is left; then, if any group
-  was meant to take part, every floating leaf becomes NaN (as the plain mean
-  would be), so that ``optax.apply_if_finite`` sees the step instead of a
-  silent zero.
-  """
-  all_nonfinite = taking_part & (jnp.sum(weights) == 0)
-  return jax.tree_util.tree_map(
-      lambda u: jnp.where(all_nonfinite, jnp.nan, u)
-      if jnp.issubdtype(u.dtype, jnp.inexact) else u, update)
+    out, solved, gram = distributed.run_partitioned(
+        plan, leaves, solve, coef, communication_dtype=communication_dtype)
+  solution = solvers.MinNormSolution(*solved[:3])
+  step = Step(None, solution, gram, solved.valid, state_lib.solve_statistics(
+      solved.normalized, solved.valid, solution.weights, mask, apply))
+  if plan is None and combine is not None:
+    update = combine(coefficients, step)
+  elif plan is None:
+    update = combine_lib.weighted_sum(per_group, coefficients, out_dtypes)
+  else:
+    if out_dtypes is None:
+      out_dtypes = [leaf.dtype for leaf in leaves]
+    update = jax.tree_util.tree_unflatten(
+        treedef, [o.astype(d) for o, d in zip(out, out_dtypes)])
+  if nan_if_none_left:
+    taking_part = jnp.any(mask) if mask is not None else True
+    update = _none_left(update, jnp.any(solved.valid), taking_part)
+  return step._replace(update=update)
 
 
 class MinNormPoint(NamedTuple):
@@ -337,12 +208,13 @@ def min_norm_point(
     param_axis_name: Optional[axes_lib.AxisName] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
     param_sharding: Any = None,
-    solver: validation.Solver = 'exact',
+    solver: solvers.Solver = 'exact',
     tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[int] = None,
     regularization: jax.typing.ArrayLike = 1e-7,
     stepsize: jax.typing.ArrayLike = 0.0,
     communication_dtype: Any = None,
+    solver_options: Optional[solvers.SolverOptions] = None,
 ) -> MinNormPoint:
   r"""Min-norm point of group gradients that may be spread over devices.
 
@@ -401,14 +273,18 @@ def min_norm_point(
       rounded groups) and :math:`d` before it is gathered. Unused on one
       device. float16 and the float8 types are refused: the blocks move
       unscaled, and entries beyond their range would become non-finite.
+    solver_options: the solver options as one :class:`SolverOptions`, in
+      place of ``solver`` ... ``stepsize`` (see :func:`min_norm_weights`).
 
   Returns:
     A :class:`MinNormPoint` ``(update, solution, gram)``.
 
   Raises:
-    ValueError: at trace time, if an axis is not bound (or not in the mesh),
-      the axes overlap, or inside ``shard_map`` the updates do not vary over
-      ``axis_name`` (the implicit psum of ``jax.grad`` on replicated params).
+    ValueError: for an unknown solver, or ``solver_options`` with a flat
+      solver keyword that differs from its default; at trace time, if an
+      axis is not bound (or not in the mesh), the axes overlap, or inside
+      ``shard_map`` the updates do not vary over ``axis_name`` (the implicit
+      psum of ``jax.grad`` on replicated params).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -426,13 +302,15 @@ def min_norm_point(
     ([0.8, 0.4], [0.8, 0.2])
   """
   caller = 'grain_optax.min_norm_point'
-  solve = solvers.make_solve(
-      solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
-                            stepsize), caller=caller)
+  options = solvers.check_options(solvers.merge_options(
+      solver_options, caller=caller, solver=solver, tolerance=tolerance,
+      max_iterations=max_iterations, regularization=regularization,
+      stepsize=stepsize), caller=caller)
   communication_dtype = validation.communication_dtype(
       communication_dtype, caller)
+  placement = Placement(axis_name, param_axis_name, mesh, param_sharding)
   validation.group_count(per_group)
-  plan = plan_lib.make_plan(per_group, axis_name=axis_name,
-                            param_axis_name=param_axis_name, mesh=mesh,
-                            param_sharding=param_sharding, caller=caller)
-  return run(plan, per_group, solve, communication_dtype=communication_dtype)
+  step = run(per_group, options, placement=placement,
+             communication_dtype=communication_dtype, nan_if_none_left=False,
+             caller=caller)
+  return MinNormPoint(step.update, step.solution, step.gram)

@@ -1,9 +1,11 @@
 """Where the min-norm point runs: the plan, decided at trace time.
 
-:func:`make_plan` reads the per-group updates' layout (manual ``shard_map``
-axes, ``Explicit`` or ``Auto`` mesh axes under ``jax.jit``, parameter axes)
-and returns a :class:`Plan`, or None for the single-device path.
-:mod:`min_norm_point` runs it.
+A :class:`Placement` holds what the user said (``axis_name``,
+``param_axis_name``, ``mesh``, ``param_sharding``), checked where a
+transformation is built. :func:`make_plan` reads it with the per-group
+updates' layout (manual ``shard_map`` axes, ``Explicit`` or ``Auto`` mesh
+axes under ``jax.jit``, parameter axes) and returns a :class:`Plan`, or None
+for the single-device path. :mod:`min_norm_point` runs it.
 """
 
 import dataclasses
@@ -17,6 +19,28 @@ from jax.sharding import PartitionSpec
 from grain_optax._src import axes as axes_lib
 from grain_optax._src import validation
 
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Placement:
+  """Where the user asked the min-norm point to run.
+
+  ``axis_name``, ``param_axis_name``, ``mesh`` and ``param_sharding`` are
+  those of :func:`min_norm_point`; ``axes`` and ``param_axes`` are the first
+  two as tuples, checked when the placement is made.
+  """
+  axis_name: Optional[axes_lib.AxisName] = None
+  param_axis_name: Optional[axes_lib.AxisName] = None
+  mesh: Optional[jax.sharding.Mesh] = None
+  param_sharding: Any = None
+  axes: Tuple[Any, ...] = dataclasses.field(init=False)
+  param_axes: Tuple[Any, ...] = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, 'axes',
+                       axes_lib.axes_tuple(self.axis_name, 'axis_name'))
+    object.__setattr__(
+        self, 'param_axes',
+        axes_lib.axes_tuple(self.param_axis_name, 'param_axis_name'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +112,21 @@ def param_specs_auto(param_sharding: Any, per_group: Any
   return out
 
 
-def make_plan(per_group: Any, *,
-              axis_name: Optional[axes_lib.AxisName] = None,
-              param_axis_name: Optional[axes_lib.AxisName] = None,
-              mesh: Optional[jax.sharding.Mesh] = None,
-              param_sharding: Any = None, params: Any = None,
+def make_plan(per_group: Any, placement: Placement, *, params: Any = None,
               caller: str = 'grain_optax') -> Optional[Plan]:
-  """Decides at trace time how to run; None means the single-device path."""
-  axes = axes_lib.axes_tuple(axis_name, 'axis_name')
-  param_axes = axes_lib.axes_tuple(param_axis_name, 'param_axis_name')
+  """Decides at trace time how to run; None means the single-device path.
+
+  Args:
+    per_group: the checked per-group updates.
+    placement: where the user asked it to run.
+    params: the params the updates are for, or None (their ``Explicit``
+      shardings give the update's layout).
+    caller: the public function, for errors.
+  """
+  axes, param_axes = placement.axes, placement.param_axes
+  axis_name = placement.axis_name
+  param_axis_name = placement.param_axis_name
+  mesh, param_sharding = placement.mesh, placement.param_sharding
   if set(axes) & set(param_axes):
     raise ValueError(
         f'{caller}: axis_name={axis_name!r} and '

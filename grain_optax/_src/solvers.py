@@ -14,11 +14,13 @@ hull of the group gradients. Optimality (KKT) needs only :math:`K`:
 group.
 
 :func:`min_norm_weights` is the public entry point; :class:`SolverOptions`
-and :func:`make_solve` give the transformations one checked ``solve``. The
-exact solver's algorithm is in :mod:`wolfe`, where it runs in :mod:`exact`.
+is the solver's options as one value, which every entry point accepts and
+:func:`check_options` checks once. :func:`solve_normalized` solves a Gram that
+:func:`normalize_gram` prepared. The exact solver's algorithm is in
+:mod:`wolfe`, where it runs in :mod:`exact`.
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Literal, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,8 @@ from grain_optax._src import exact
 from grain_optax._src import validation
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-SOLVERS = validation.SOLVERS
+Solver = Literal['exact', 'projected_gradient']
+SOLVERS = ('exact', 'projected_gradient')
 DEFAULT_TOLERANCE = {'exact': 1e-7, 'projected_gradient': 1e-6}
 
 
@@ -147,11 +150,16 @@ def static_number(x: Any) -> Optional[float]:
 
 
 class SolverOptions(NamedTuple):
-  """The options of :func:`min_norm_weights`, as one bundle.
+  """The min-norm solver's options, as one value.
 
-  The numeric options may be arrays, as ``optax.inject_hyperparams`` makes
-  them (traced inside ``jit``), except the projected-gradient solver's
-  iteration cap, which jaxopt needs static.
+  Every entry point takes it as ``solver_options=``: :func:`grain`,
+  :func:`accumulate`, :func:`grain_value_and_grad`, :func:`min_norm_point`
+  and :func:`min_norm_weights`. Their flat keywords (``solver=``,
+  ``tolerance=``, ...) are sugar for it (``optax.inject_hyperparams`` needs
+  them); giving ``solver_options`` with a flat solver keyword that differs
+  from its default is a ``ValueError``. The numeric options may be arrays, as
+  ``optax.inject_hyperparams`` makes them (traced inside ``jit``), except the
+  projected-gradient solver's iteration cap, which jaxopt needs static.
 
   Attributes:
     solver: ``'exact'`` or ``'projected_gradient'``.
@@ -164,8 +172,17 @@ class SolverOptions(NamedTuple):
     gram_backend: how the Gram matrix is computed: ``'auto'`` (the GPU
       kernel where it applies, XLA's dots elsewhere) or ``'xla'``; None for
       the environment's default, read at trace time.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import grain_optax
+    >>> options = grain_optax.SolverOptions(tolerance=1e-6, gram_backend='xla')
+    >>> tx = grain_optax.grain(solver_options=options)
+    >>> sol = grain_optax.min_norm_weights(jnp.eye(2), solver_options=options)
+    >>> [float(w) for w in sol.weights]
+    [0.5, 0.5]
   """
-  solver: validation.Solver = 'exact'
+  solver: Solver = 'exact'
   tolerance: Optional[jax.typing.ArrayLike] = None
   max_iterations: Optional[jax.typing.ArrayLike] = None
   regularization: jax.typing.ArrayLike = 1e-7
@@ -174,38 +191,76 @@ class SolverOptions(NamedTuple):
   gram_backend: Optional[str] = None
 
 
-Solve = Callable[..., MinNormSolution]
+def check_solver(solver: Any, caller: str) -> None:
+  """Raises ValueError if ``solver`` is not one of :data:`SOLVERS`."""
+  if solver not in SOLVERS:
+    raise ValueError(
+        f'{caller}: unknown solver {solver!r}; choose one of {SOLVERS}.')
 
 
-def make_solve(options: SolverOptions, *, caller: str) -> Solve:
-  """``solve(gram, mask=None) -> MinNormSolution`` for checked ``options``.
+def _is_default(value: Any, default: Any) -> bool:
+  """Whether a flat keyword was left at (or set to) its default."""
+  if value is default:
+    return True
+  plain = (int, float, str)
+  return (isinstance(value, plain) and isinstance(default, plain)
+          and value == default)
 
-  Checks the options once, where a transformation is built.
+
+def merge_options(solver_options: Optional[SolverOptions], *, caller: str,
+                  **flat: Any) -> SolverOptions:
+  """``solver_options``, or an entry point's flat solver keywords as one.
+
+  The flat keywords (``solver=``, ``tolerance=``, ...) are sugar for
+  ``solver_options``; they may be given with it only at their defaults.
 
   Raises:
-    ValueError: for an unknown solver, or ``'projected_gradient'`` with a
-      ``max_iterations`` that is not a Python int.
+    TypeError: if ``solver_options`` is not a :class:`SolverOptions`.
+    ValueError: if ``solver_options`` and a flat keyword that differs from
+      its default are both given.
   """
-  validation.check_solver(options.solver, caller)
-  options = options._replace(max_iterations=validation.factory_max_iterations(
+  if solver_options is None:
+    return SolverOptions(**flat)
+  if not isinstance(solver_options, SolverOptions):
+    raise TypeError(
+        f'{caller}: solver_options must be a grain_optax.SolverOptions, got '
+        f'{type(solver_options).__name__}.')
+  defaults = SolverOptions()
+  for name, value in flat.items():
+    if not _is_default(value, getattr(defaults, name)):
+      raise ValueError(
+          f'{caller}: got both solver_options and {name}={value!r}; give '
+          f'{name} in one place: solver_options=SolverOptions(..., '
+          f'{name}=...), or the flat keywords without solver_options.')
+  return solver_options
+
+
+def check_options(options: SolverOptions, *, caller: str) -> SolverOptions:
+  """``options`` checked once, where a transformation is built.
+
+  Raises:
+    ValueError: for an unknown solver or exact-solver backend, or
+      ``'projected_gradient'`` with a ``max_iterations`` that is not a Python
+      int.
+  """
+  check_solver(options.solver, caller)
+  if options.exact_backend is not None:
+    exact.resolve_backend(options.exact_backend)
+  return options._replace(max_iterations=validation.factory_max_iterations(
       options.max_iterations, options.solver, caller))
-
-  def solve_fn(gram, mask=None):
-    return solve(gram, mask, options)
-
-  return solve_fn
 
 
 def min_norm_weights(
     gram: jax.typing.ArrayLike,
     *,
-    solver: validation.Solver = 'exact',
+    solver: Solver = 'exact',
     mask: Optional[jax.typing.ArrayLike] = None,
     tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[jax.typing.ArrayLike] = None,
     regularization: jax.typing.ArrayLike = 1e-7,
     stepsize: jax.typing.ArrayLike = 0.0,
     exact_backend: Optional[exact.Backend] = None,
+    solver_options: Optional[SolverOptions] = None,
 ) -> MinNormSolution:
   r"""Convex weights of the minimum-norm point of the groups' convex hull.
 
@@ -268,13 +323,16 @@ def min_norm_weights(
       tests). None (default): the environment variable
       ``GRAIN_OPTAX_EXACT_BACKEND`` (``'auto'`` or ``'xla'``), else
       ``'auto'``. Read when the function is traced.
+    solver_options: the options above as one :class:`SolverOptions`, in
+      place of the flat keywords (its ``gram_backend`` is unused here).
 
   Returns:
     A :class:`MinNormSolution` ``(weights, kkt_residual, num_iterations)``.
 
   Raises:
-    ValueError: for a non-square Gram, an unknown solver or backend, or a
-      mask of the wrong shape.
+    ValueError: for a non-square Gram, an unknown solver or backend, a mask
+      of the wrong shape, or ``solver_options`` together with a flat solver
+      keyword that differs from its default.
 
   Example:
     >>> import jax.numpy as jnp
@@ -297,20 +355,29 @@ def min_norm_weights(
     Sener & Koltun, `Multi-task learning as multi-objective optimization
     <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018.
   """
-  validation.check_solver(solver, 'grain_optax')
-  if exact_backend is not None:
-    exact.resolve_backend(exact_backend)
-  return solve(gram, mask, SolverOptions(
-      solver, tolerance, max_iterations, regularization, stepsize,
-      exact_backend))
+  options = merge_options(
+      solver_options, caller='grain_optax.min_norm_weights', solver=solver,
+      tolerance=tolerance, max_iterations=max_iterations,
+      regularization=regularization, stepsize=stepsize,
+      exact_backend=exact_backend)
+  check_solver(options.solver, 'grain_optax')
+  if options.exact_backend is not None:
+    exact.resolve_backend(options.exact_backend)
+  return solve(gram, mask, options)
 
 
 def solve(gram: jax.typing.ArrayLike, mask: Optional[jax.typing.ArrayLike],
           options: SolverOptions) -> MinNormSolution:
   """:func:`min_norm_weights` with checked options (the Gram is checked)."""
+  k, valid, _ = normalize_gram(gram, mask)
+  return solve_normalized(k, valid, options)
+
+
+def solve_normalized(k: jax.Array, valid: jax.Array,
+                     options: SolverOptions) -> MinNormSolution:
+  """:func:`solve` of the ``(k, valid)`` that :func:`normalize_gram` gave."""
   solver, tolerance, max_iterations, regularization, stepsize, backend = (
       options[:6])
-  k, valid, _ = normalize_gram(gram, mask)
   m = k.shape[0]
   if tolerance is None:
     tolerance = DEFAULT_TOLERANCE[solver]

@@ -1,7 +1,9 @@
 """The states of :func:`grain` and :func:`accumulate`, and their statistics.
 
 :class:`GrainState` describes one solve (the weights, the KKT residual, how
-much the groups conflict); both transformations build it with
+much the groups conflict). :func:`min_norm_point.run` computes the
+:class:`Statistics` of a step with :func:`solve_statistics`, on the Gram it
+normalised for the solve; both transformations then build the state with
 :func:`solution_state`. :func:`grain_statistics` finds every one in an
 optimizer state, for logging.
 """
@@ -50,8 +52,7 @@ class GrainState(NamedTuple):
     num_nonfinite: ``[]`` int32, groups excluded from the last update because
       their gradient held NaN or infinity (or overflowed float32 in the Gram).
     num_iterations: ``[]`` int32 iterations of the QP solver (as in
-      :class:`MinNormSolution`; also readable as ``solver_iterations``, its
-      former name).
+      :class:`MinNormSolution`).
     update_min_cosine: ``[]`` float32 smallest cosine between the update
       that was applied and a group gradient: ``min_cosine`` for
       ``apply='grain'`` and ``'grain_at_mean_length'``, ``mean_min_cosine``
@@ -73,11 +74,6 @@ class GrainState(NamedTuple):
   update_min_cosine: jax.Array
   effective_groups: jax.Array
   num_excluded: jax.Array
-
-  @property
-  def solver_iterations(self) -> jax.Array:
-    """The former name of :attr:`num_iterations`."""
-    return self.num_iterations
 
 
 def statistics(k: jax.Array, weights: jax.Array, valid: jax.Array
@@ -151,19 +147,20 @@ class Statistics(NamedTuple):
   num_excluded: jax.Array
 
 
-def solve_statistics(gram: jax.Array, weights: jax.Array,
+def solve_statistics(k: jax.Array, valid: jax.Array, weights: jax.Array,
                      mask: Optional[jax.Array] = None,
                      apply: str = 'grain') -> Statistics:
-  """The :class:`Statistics` of min-norm ``weights`` on ``gram``, O(m^2).
+  """The :class:`Statistics` of min-norm ``weights``, O(m^2).
 
   Args:
-    gram: the ``[m, m]`` Gram matrix that was solved.
+    k: the ``[m, m]`` normalised Gram matrix that was solved, and
+    valid: its ``[m]`` included groups, both from
+      :func:`solvers.normalize_gram`.
     weights: the ``[m]`` min-norm weights.
     mask: the ``[m]`` groups that took part (None: all).
     apply: what was applied (see :mod:`variants`), for
       ``update_min_cosine``.
   """
-  k, valid, _ = solvers.normalize_gram(gram, mask)
   weights = jnp.asarray(weights, jnp.float32)
   ratio, min_cos, mean_min_cos = statistics(k, weights, valid)
   update_cos = (min_cos if apply in ('grain', 'grain_at_mean_length')
@@ -173,7 +170,7 @@ def solve_statistics(gram: jax.Array, weights: jax.Array,
                                                            weights, 1.0)),
                                0.0))
   effective = jnp.where(jnp.any(weights > 0), jnp.exp(entropy), 0.0)
-  m = gram.shape[0]
+  m = k.shape[0]
   considered = m if mask is None else jnp.sum(jnp.asarray(mask, bool))
   return Statistics(
       norm_ratio=ratio.astype(jnp.float32),
@@ -186,24 +183,18 @@ def solve_statistics(gram: jax.Array, weights: jax.Array,
   )
 
 
-def solution_state(previous: GrainState, gram: jax.Array,
-                   solution: solvers.MinNormSolution, *,
-                   mask: Optional[jax.Array] = None,
-                   record_weights: bool = True,
-                   apply: str = 'grain') -> GrainState:
-  """The :class:`GrainState` describing one solve on ``gram``.
+def solution_state(previous: GrainState, solution: solvers.MinNormSolution,
+                   stats: Statistics, *,
+                   record_weights: bool = True) -> GrainState:
+  """The :class:`GrainState` describing one solve.
 
   Args:
     previous: the state before this update (its count is incremented; its
       weights are kept when ``record_weights`` is False).
-    gram: the ``[m, m]`` Gram matrix that was solved.
-    solution: the :class:`MinNormSolution` of that solve.
-    mask: the ``[m]`` groups that took part (None: all); excluded groups are
-      not counted as non-finite.
+    solution: the :class:`MinNormSolution` of the solve.
+    stats: its :class:`Statistics` (from :func:`solve_statistics`).
     record_weights: store ``solution.weights`` in the state.
-    apply: what was applied (see :mod:`variants`).
   """
-  stats = solve_statistics(gram, solution.weights, mask, apply)
   return GrainState(
       count=optax.safe_increment(previous.count),
       weights=solution.weights if record_weights else previous.weights,

@@ -1,45 +1,70 @@
 """``grain()``: GRAIN as an optax gradient transformation."""
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from grain_optax._src import axes as axes_lib
 from grain_optax._src import min_norm_point as mnp_lib
-from grain_optax._src import plan as plan_lib
 from grain_optax._src import solvers
 from grain_optax._src import state as state_lib
 from grain_optax._src import validation
 from grain_optax._src import variants
 
 
-def _full_group_mask(plan: plan_lib.Plan, local_mask: jax.Array,
-                     local: int) -> jax.Array:
-  """Inside shard_map: the ``[m]`` mask of all groups, device-major."""
-  index = jax.lax.axis_index(plan.axes)
-  full = jnp.zeros([local * plan.size], jnp.int32)
-  full = jax.lax.dynamic_update_slice(
-      full, local_mask.astype(jnp.int32), (index * local,))
-  return jax.lax.psum(full, plan.axes) > 0
+def _is_spec(x: Any) -> bool:
+  return x is None or isinstance(x, (jax.sharding.PartitionSpec,
+                                     jax.sharding.NamedSharding))
+
+
+def _select(flags: Sequence[bool], updates: Any, params: Any,
+            placement: mnp_lib.Placement
+            ) -> Tuple[List[Any], Optional[List[Any]], mnp_lib.Placement]:
+  """The trainable leaves of the updates and params, and their placement."""
+  pick = lambda xs: [x for x, f in zip(xs, flags) if f]
+  sub_params = (None if params is None
+                else pick(jax.tree_util.tree_leaves(params)))
+  if placement.param_sharding is not None:
+    placement = dataclasses.replace(placement, param_sharding=pick(
+        jax.tree_util.tree_leaves(placement.param_sharding,
+                                  is_leaf=_is_spec)))
+  return pick(jax.tree_util.tree_leaves(updates)), sub_params, placement
+
+
+def _scatter(flags: Sequence[bool], updates: Any, params: Any,
+             new_sub: Sequence[Any]) -> Any:
+  """The trainable leaves' updates, zeros for the other leaves."""
+  leaves, treedef = jax.tree_util.tree_flatten(updates)
+  p_leaves = None if params is None else jax.tree_util.tree_leaves(params)
+  out, done = [], iter(new_sub)
+  for i, (leaf, f) in enumerate(zip(leaves, flags)):
+    if f:
+      out.append(next(done))
+    elif p_leaves is not None:
+      out.append(jnp.zeros_like(p_leaves[i]))
+    else:
+      out.append(jnp.zeros(leaf.shape[1:], leaf.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def grain(
     *,
     num_groups: Optional[int] = None,
     mask: Any = None,
-    solver: validation.Solver = 'exact',
+    solver: solvers.Solver = 'exact',
     tolerance: Optional[jax.typing.ArrayLike] = None,
     max_iterations: Optional[int] = None,
     regularization: jax.typing.ArrayLike = 1e-7,
     stepsize: jax.typing.ArrayLike = 0.0,
-    axis_name: Optional[axes_lib.AxisName] = None,
-    param_axis_name: Optional[axes_lib.AxisName] = None,
+    axis_name: Optional[mnp_lib.AxisName] = None,
+    param_axis_name: Optional[mnp_lib.AxisName] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
     param_sharding: Any = None,
     communication_dtype: Any = None,
     apply: str = 'grain',
+    solver_options: Optional[solvers.SolverOptions] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GRAIN: replace the mean of group gradients by their min-norm combination.
 
@@ -142,6 +167,10 @@ def grain(
       learning rates ``'grain'`` did not beat the mean (MiniLM), nor did
       the two rescaled arms (small MLPs). See ``docs/when_grain_helps.md``
       and ``docs/guides/monitor.md``.
+    solver_options: the solver options as one :class:`SolverOptions` (with
+      the backends of the Gram and of the exact solver), in place of
+      ``solver`` ... ``stepsize``, which are its sugar (and what
+      :func:`optax.inject_hyperparams` can inject).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its
@@ -155,8 +184,9 @@ def grain(
     gradients are bfloat16); without ``params``, in the per-group dtype.
 
   Raises:
-    ValueError: at construction, for a bad ``num_groups`` or an unknown
-      solver; when ``update`` is traced, for updates that do not match each
+    ValueError: at construction, for a bad ``num_groups``, an unknown
+      solver, ``solver_options`` with a flat solver keyword that differs
+      from its default, or bad axis names; when ``update`` is traced, for updates that do not match each
       other or ``params`` (naming the leaf and its shape), complex leaves, a
       ``group_mask`` of the wrong shape, a bad ``mask``, or ``grain`` inside
       a wrapper that cannot carry per-group updates.
@@ -206,12 +236,13 @@ def grain(
         num_groups, 'num_groups', caller, phrase='a positive int',
         hint=(" (with optax.inject_hyperparams, pass "
               "static_args=('num_groups',))"))
-  solve = solvers.make_solve(
-      solvers.SolverOptions(solver, tolerance, max_iterations, regularization,
-                            stepsize), caller=caller)
+  options = solvers.check_options(solvers.merge_options(
+      solver_options, caller=caller, solver=solver, tolerance=tolerance,
+      max_iterations=max_iterations, regularization=regularization,
+      stepsize=stepsize), caller=caller)
   apply = variants.check_apply(apply, caller)
-  axes_lib.axes_tuple(axis_name, 'axis_name')
-  axes_lib.axes_tuple(param_axis_name, 'param_axis_name')
+  placement = mnp_lib.Placement(axis_name, param_axis_name, mesh,
+                                param_sharding)
   communication_dtype = validation.communication_dtype(
       communication_dtype, caller)
 
@@ -224,72 +255,26 @@ def grain(
     del extra_args
     validation.check_not_masked(updates, caller)
     validation.check_not_in_conditional(caller)
-    m = validation.group_count(updates)
+    validation.group_count(updates)
     if params is not None:
       validation.check_matches_params(updates, params)
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
     flags = (None if mask is None
              else validation.leaf_flags(mask, updates, params, caller))
     validation.check_floating(updates, flags, caller)
     if flags is None:
-      sub_updates, sub_params, sub_sharding = updates, params, param_sharding
-    else:
-      # GRAIN on the trainable leaves only: lists of the selected leaves.
-      pick = lambda xs: [x for x, f in zip(xs, flags) if f]
-      sub_updates = pick(leaves)
-      sub_params = (None if params is None
-                    else pick(jax.tree_util.tree_leaves(params)))
-      sub_sharding = param_sharding
-      if param_sharding is not None:
-        is_spec = lambda x: isinstance(x, (jax.sharding.PartitionSpec,
-                                           jax.sharding.NamedSharding))
-        sub_sharding = pick(jax.tree_util.tree_leaves(
-            param_sharding, is_leaf=lambda x: x is None or is_spec(x)))
-    plan = plan_lib.make_plan(
-        sub_updates, axis_name=axis_name, param_axis_name=param_axis_name,
-        mesh=mesh, param_sharding=sub_sharding, params=sub_params,
-        caller=caller)
-    if plan is not None and plan.kind == 'manual':
-      local, m = m, plan.num_groups(m)
-      if num_groups is not None and m != num_groups:
-        raise ValueError(
-            f'{caller}: each device has {local} groups on axis 0 and '
-            f'axis {plan.axes} has {plan.size} devices, {m} groups in all, '
-            f'but grain(num_groups={num_groups}) was asked for.')
-      g_mask = validation.group_mask(group_mask, local, caller)
-      if g_mask is not None and plan.axes:
-        g_mask = _full_group_mask(plan, g_mask, local)
-    else:
-      if num_groups is not None and m != num_groups:
-        raise ValueError(
-            f'{caller}: the updates have {m} groups on axis 0, but '
-            f'grain(num_groups={num_groups}) was asked for.')
-      g_mask = validation.group_mask(group_mask, m, caller)
-    out_dtypes = (None if sub_params is None else
-                  [jnp.result_type(p)
-                   for p in jax.tree_util.tree_leaves(sub_params)])
-    new_sub, sol, gram = mnp_lib.run(
-        plan, sub_updates, solve, g_mask, out_dtypes=out_dtypes,
-        communication_dtype=communication_dtype, apply=apply)
-    taking_part = jnp.any(g_mask) if g_mask is not None else True
-    new_sub = mnp_lib.nan_if_none_left(new_sub, sol.weights, taking_part)
-    if flags is None:
-      new_updates = new_sub
-    else:
-      p_leaves = (None if params is None
-                  else jax.tree_util.tree_leaves(params))
-      out, done = [], iter(new_sub)
-      for i, (leaf, f) in enumerate(zip(leaves, flags)):
-        if f:
-          out.append(next(done))
-        elif p_leaves is not None:
-          out.append(jnp.zeros_like(p_leaves[i]))
-        else:
-          out.append(jnp.zeros(leaf.shape[1:], leaf.dtype))
-      new_updates = jax.tree_util.tree_unflatten(treedef, out)
+      sub_updates, sub_params, sub_placement = updates, params, placement
+    else:  # GRAIN on the trainable leaves only.
+      sub_updates, sub_params, sub_placement = _select(
+          flags, updates, params, placement)
+    step = mnp_lib.run(
+        sub_updates, options, placement=sub_placement, group_mask=group_mask,
+        num_groups=num_groups, params=sub_params,
+        communication_dtype=communication_dtype, apply=apply, caller=caller)
+    new_updates = (step.update if flags is None
+                   else _scatter(flags, updates, params, step.update))
     new_state = state_lib.solution_state(
-        state, gram, sol, mask=g_mask, record_weights=num_groups is not None,
-        apply=apply)
+        state, step.solution, step.statistics,
+        record_weights=num_groups is not None)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

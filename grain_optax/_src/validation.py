@@ -7,15 +7,12 @@ its pytree path) and, where there is one, what to write instead.
 
 import operator
 import sys
-from typing import Any, List, Literal, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-Solver = Literal['exact', 'projected_gradient']
-SOLVERS = ('exact', 'projected_gradient')
-
+import optax
 
 def leaf_name(path) -> str:
   """A readable name for a pytree path, e.g. ``['dense']['kernel']``."""
@@ -170,7 +167,7 @@ def group_mask(mask: Any, num_groups: int, caller: str) -> Optional[jax.Array]:
 
 
 def _is_masked_node(x) -> bool:
-  return type(x).__name__ == 'MaskedNode'
+  return isinstance(x, optax.MaskedNode)
 
 
 def check_not_masked(updates: Any, caller: str) -> None:
@@ -256,13 +253,6 @@ def check_not_in_conditional(caller: str, *, max_depth: int = 40) -> None:
             f'grain() first instead: {instead}.')
     frame = frame.f_back
     depth += 1
-
-
-def check_solver(solver: Any, caller: str) -> None:
-  """Raises ValueError if ``solver`` is not one of :data:`SOLVERS`."""
-  if solver not in SOLVERS:
-    raise ValueError(
-        f'{caller}: unknown solver {solver!r}; choose one of {SOLVERS}.')
 
 
 def check_num_groups(num_groups: Any) -> int:
