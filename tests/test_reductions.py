@@ -180,3 +180,28 @@ def test_a_failing_rewrite_falls_back_to_the_traced_function(monkeypatch):
   with pytest.warns(RuntimeWarning, match='split_sums.*no such jaxpr field'):
     out = reductions.split_leading_sums(fn)(x)
   np.testing.assert_array_equal(out, fn(x))
+
+
+def test_one_table_of_calls_classifies_real_jaxprs():
+  # reductions and backward_dtype read one table of call primitives: the
+  # calls JAX emits today must be in it, with their kinds.
+  from grain_optax._src import jaxpr_calls  # pylint: disable=g-import-not-at-top
+
+  def f(x):
+    y = jax.jit(lambda x: x * 2)(x)
+    y = jax.checkpoint(lambda x: jnp.sin(x))(y)
+    y, _ = jax.lax.scan(lambda c, r: (c + r, None), y, jnp.ones((3, 4)))
+    return y
+
+  eqns = jax.make_jaxpr(f)(jnp.ones(4)).jaxpr.eqns
+  kinds = [jaxpr_calls.kind(e) for e in eqns]
+  assert [k for k in kinds if k] == ['jit', 'remat', 'scan'], kinds
+  for e in eqns:
+    if jaxpr_calls.kind(e):
+      assert jaxpr_calls.sub_jaxpr(e).eqns  # an open jaxpr with equations
+  jit_eqn = eqns[kinds.index('jit')]
+  # A nested jit without shardings: the real class, not a name test.
+  assert jaxpr_calls.UnspecifiedValue is not None
+  assert all(jaxpr_calls.is_unspecified(s)
+             for s in jit_eqn.params['in_shardings'])
+  assert not jaxpr_calls.is_unspecified(None)

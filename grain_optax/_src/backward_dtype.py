@@ -35,14 +35,7 @@ from typing import Any, Callable, List, Optional
 import jax
 import jax.numpy as jnp
 
-# Primitives that run a sub-jaxpr on their operands unchanged, one to one.
-_CALLS = frozenset({'jit', 'pjit', 'closed_call', 'core_call', 'checkpoint',
-                    'remat', 'remat2'})
-
-
-def _sub_jaxpr(eqn):
-  sub = eqn.params.get('jaxpr', eqn.params.get('call_jaxpr'))
-  return getattr(sub, 'jaxpr', sub)
+from grain_optax._src import jaxpr_calls
 
 
 def _uses(jaxpr, var) -> List[Any]:
@@ -66,13 +59,14 @@ def _narrow_dtype(jaxpr, var) -> Optional[jnp.dtype]:
     if (jnp.issubdtype(new, jnp.floating) and new.itemsize < dtype.itemsize):
       return new
     return None
-  if name in _CALLS:
-    sub = _sub_jaxpr(eqn)
+  kind = jaxpr_calls.kind(eqn)
+  if name in jaxpr_calls.PASS_THROUGH:
+    sub = jaxpr_calls.sub_jaxpr(eqn)
     if sub is not None and len(sub.invars) == len(eqn.invars):
       return _narrow_dtype(sub, sub.invars[j])
     return None
-  if name == 'scan':
-    sub = _sub_jaxpr(eqn)
+  if kind == 'scan':
+    sub = jaxpr_calls.sub_jaxpr(eqn)
     if sub is not None and len(sub.invars) == len(eqn.invars):
       inner = sub.invars[j]
       # Scanned over (xs) exactly when each step sees a slice: the body's

@@ -4,9 +4,9 @@ Under ``vmap`` over groups, the gradient of a bias (and of a LayerNorm
 scale or bias) is a sum of ``[m, n, ..., d]`` over the examples and tokens of
 each group, keeping the group axis and the features. XLA's GPU code for such
 a batched column reduction runs at a fraction of the memory bandwidth, well
-below the same sum over the whole batch; on the GPT of
-``benchmarks/_gpt.py`` it was most of GRAIN's step-time overhead
-(``benchmarks/RESULTS.md``, section 1e).
+below the same sum over the whole batch; how much of GRAIN's step time it
+took on the GPT of ``benchmarks/_gpt.py`` is in ``benchmarks/RESULTS.md``,
+section 1e.
 
 :func:`split_leading_sums` rewrites a function's jaxpr so that each such sum
 runs in two stages: ``PARTS`` partial sums in float32 (fused by XLA with the
@@ -26,13 +26,13 @@ from jax import lax
 import jax.extend as jex
 import jax.numpy as jnp
 
+from grain_optax._src import jaxpr_calls
+
 # The reduced size is split into PARTS x (size / PARTS). Sums shorter than
 # PARTS * MIN_PART, or keeping fewer than MIN_KEPT values, are left alone.
 PARTS = 16
 MIN_PART = 64
 MIN_KEPT = 64
-
-_INLINED_CALLS = ('jit', 'pjit')
 
 
 def _leading_sum(eqn) -> int:
@@ -71,14 +71,14 @@ def _two_stage_sum(x, lead: int):
 
 def _inlinable(eqn) -> bool:
   """A nested jit with no shardings, which can run inline."""
-  if eqn.primitive.name not in _INLINED_CALLS:
+  if jaxpr_calls.kind(eqn) != 'jit':
     return False
   closed = eqn.params.get('jaxpr')
   if not isinstance(closed, jex.core.ClosedJaxpr):
     return False
   shardings = (tuple(eqn.params.get('in_shardings', ()))
                + tuple(eqn.params.get('out_shardings', ())))
-  return all(type(s).__name__ == 'UnspecifiedValue' for s in shardings)
+  return all(jaxpr_calls.is_unspecified(s) for s in shardings)
 
 
 def _has_split(jaxpr) -> bool:
@@ -97,11 +97,11 @@ def _body(eqn):
 
   Nested ``jax.jit`` (inlined), ``lax.scan`` and ``jax.checkpoint`` bodies.
   """
-  prims = jex.core.primitives
-  if _inlinable(eqn) or eqn.primitive is prims.scan_p:
+  kind = jaxpr_calls.kind(eqn)
+  if _inlinable(eqn) or kind == 'scan':
     closed = eqn.params['jaxpr']
     return closed.jaxpr, closed.consts
-  if eqn.primitive is prims.remat_p and not eqn.params['jaxpr'].constvars:
+  if kind == 'remat' and not eqn.params['jaxpr'].constvars:
     return eqn.params['jaxpr'], ()
   return None
 
@@ -149,7 +149,7 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
       if body is not None and _has_split(body[0]):
         new = _rewritten_body(*body)
         if new is not None:
-          is_remat = eqn.primitive is jex.core.primitives.remat_p
+          is_remat = jaxpr_calls.kind(eqn) == 'remat'
           params['jaxpr'] = new.jaxpr if is_remat else new
       params = eqn.primitive.get_bind_params(params)
       with eqn.ctx.manager:
