@@ -61,8 +61,11 @@ class Step(NamedTuple):
 
 
 class _Solved(NamedTuple):
-  """A solve and the normalised Gram it ran on (:mod:`distributed` replaces
-  ``weights`` by their replicated form)."""
+  """A solve and the normalised Gram it ran on.
+
+  ``weights`` first, as in :class:`MinNormSolution`: :mod:`distributed`
+  replaces them by their replicated form.
+  """
   weights: jax.Array
   kkt_residual: jax.Array
   num_iterations: jax.Array

@@ -186,10 +186,11 @@ def grain(
   Raises:
     ValueError: at construction, for a bad ``num_groups``, an unknown
       solver, ``solver_options`` with a flat solver keyword that differs
-      from its default, or bad axis names; when ``update`` is traced, for updates that do not match each
-      other or ``params`` (naming the leaf and its shape), complex leaves, a
-      ``group_mask`` of the wrong shape, a bad ``mask``, or ``grain`` inside
-      a wrapper that cannot carry per-group updates.
+      from its default, or bad axis names; when ``update`` is traced, for
+      updates that do not match each other or ``params`` (naming the leaf
+      and its shape), complex leaves, a ``group_mask`` of the wrong shape, a
+      bad ``mask``, a bad ``gram_backend``, or ``grain`` inside a wrapper
+      that cannot carry per-group updates.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
