@@ -183,15 +183,16 @@ def adamw():
 
 
 def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
-              grad_dtype: str = 'backward', group_exec: str = 'vmap'):
+              grad_dtype: str = 'backward', group_exec: str = 'vmap',
+              gram_backend=None):
   """``(step, tx)``: a jitted ``step(params, opt_state, batch)`` and its tx.
 
   ``step`` returns ``(params, opt_state, loss)`` with params and optimizer
   state donated. ``kind`` is ``'mean'``, ``'grain'``, ``'monitor'``
   (``grain(apply='mean')``) or ``'lean'``; a suffix ``'+xla'`` compiles
-  the step with the Gram by XLA's dots (the ``gram_backend`` ``'xla'``,
-  applied by :func:`compile_step`); a suffix ``'@params'`` takes the per-group
-  gradients in the params' dtype (``grad_dtype='params'``).
+  the step with the Gram by XLA's dots (``SolverOptions(gram_backend=
+  'xla')``); a suffix ``'@params'`` takes the per-group gradients in the
+  params' dtype (``grad_dtype='params'``).
   """
   if '~' in kind:
     # Experimental: how the per-group gradients are executed. '~map' runs the
@@ -202,23 +203,23 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
     # is the default without split_sums (each per-group sum in one stage).
     base, how = kind.split('~')
     return make_step(base, loss_fn, m, solver=solver, grad_dtype=grad_dtype,
-                     group_exec=how)
+                     group_exec=how, gram_backend=gram_backend)
   if kind.endswith('@params'):
     # The per-group gradients in the params' dtype (float32), as before
     # grad_dtype='backward' became the default.
     return make_step(kind[:-len('@params')], loss_fn, m, solver=solver,
-                     grad_dtype='params')
+                     grad_dtype='params', gram_backend=gram_backend)
   if '+' in kind:
-    base, variant = kind.split('+')
-    if variant != 'xla':
+    base, backend = kind.split('+')
+    if backend != 'xla':
       raise ValueError(
           f'step kind {kind!r}: only the Gram backend +xla compiles into a '
           'step; time the experimental Gram variants alone with '
           'step_overhead.py --gram_times --gram_variants')
-    step, tx = make_step(base, loss_fn, m, solver=solver,
-                         grad_dtype=grad_dtype)
-    step.gram_variant = variant
-    return step, tx
+    return make_step(base, loss_fn, m, solver=solver, grad_dtype=grad_dtype,
+                     group_exec=group_exec, gram_backend=backend)
+  options = grain_optax.SolverOptions(solver=solver,
+                                      gram_backend=gram_backend)
   if kind == 'mean':
     tx = adamw()
 
@@ -230,8 +231,8 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
     # 'monitor': grain(apply='mean'), the mean applied, GRAIN computed and
     # logged (what monitoring a run costs).
     apply = 'mean' if kind == 'monitor' else 'grain'
-    tx = optax.chain(grain_optax.grain(num_groups=m, solver=solver,
-                                       apply=apply), adamw())
+    tx = optax.chain(grain_optax.grain(num_groups=m, apply=apply,
+                                       solver_options=options), adamw())
     grad_fn = _group_grad_fn(loss_fn, m, grad_dtype, group_exec)
 
     def step(params, opt_state, batch):
@@ -240,8 +241,8 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
       return optax.apply_updates(params, updates), opt_state, jnp.mean(losses)
   elif kind == 'lean':
     tx = adamw()
-    grad_fn = grain_optax.grain_value_and_grad(loss_fn, m, solver=solver,
-                                               grad_dtype=grad_dtype)
+    grad_fn = grain_optax.grain_value_and_grad(
+        loss_fn, m, grad_dtype=grad_dtype, solver_options=options)
 
     def step(params, opt_state, batch):
       out = grad_fn(params, batch)
@@ -250,7 +251,7 @@ def make_step(kind: str, loss_fn, m: int = 1, *, solver: str = 'exact',
               jnp.mean(out.losses))
   else:
     raise ValueError(f'unknown step kind {kind!r}')
-  return _Jitted(jax.jit(step, donate_argnums=(0, 1))), tx
+  return jax.jit(step, donate_argnums=(0, 1)), tx
 
 
 def _group_grad_fn(loss_fn, m, grad_dtype, group_exec):
@@ -283,38 +284,9 @@ def _group_grad_fn(loss_fn, m, grad_dtype, group_exec):
   return grad_fn
 
 
-class _Jitted:
-  """A jitted step that can carry attributes (``gram_variant``)."""
-
-  def __init__(self, fn):
-    self.fn = fn
-    self.gram_variant = None
-
-  def __call__(self, *args):
-    return self.fn(*args)
-
-  def lower(self, *args):
-    return self.fn.lower(*args)
-
-
 def compile_step(step, params, opt_state, batch):
   """Lowers and compiles ``step``; returns the compiled program."""
-  variant = getattr(step, 'gram_variant', None)
-  if not variant:
-    return step.lower(params, opt_state, batch).compile()
-  # '+xla': the Gram by XLA's dots, through the library's documented default
-  # of the gram_backend option (GRAIN_OPTAX_GRAM_BACKEND, read when the step
-  # is traced); nothing in the library is patched.
-  name = 'GRAIN_OPTAX_GRAM_BACKEND'
-  saved = os.environ.get(name)
-  os.environ[name] = variant
-  try:
-    return step.lower(params, opt_state, batch).compile()
-  finally:
-    if saved is None:
-      del os.environ[name]
-    else:
-      os.environ[name] = saved
+  return step.lower(params, opt_state, batch).compile()
 
 
 def memory_of(compiled) -> Dict[str, int]:
