@@ -24,7 +24,6 @@ from typing import Any, Literal, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from grain_optax._src import exact
 from grain_optax._src import validation
