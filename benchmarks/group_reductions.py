@@ -18,7 +18,14 @@ busy time from ``jax.profiler``):
 Without a device profile (on a CPU) each time is the wall-clock median of
 20 calls instead.
 
+``--step_tokens T`` also times whole per-group gradients,
+``jax.jit(group_value_and_grad(loss, m, split_sums=...))`` with ``True`` and
+``False``, on a small GPT of ``_gpt.py`` (``--step_width`` wide, 2 layers,
+``T`` tokens), the two interleaved (wall clock): whether the rewrite pays on
+this device (``split_sums='auto'`` turns it on on GPUs only).
+
     python benchmarks/group_reductions.py [--groups 4 8] [--json out.jsonl]
+    python benchmarks/group_reductions.py --step_tokens 8192 [--step_width 256]
 
 Prints a table and one JSON line per row.
 """
@@ -70,6 +77,11 @@ def main(argv=None):
   p.add_argument('--groups', type=int, nargs='+', default=[4, 8])
   p.add_argument('--split', type=int, default=16,
                  help='k, the first stage of group_split')
+  p.add_argument('--step_tokens', type=int, default=0,
+                 help='tokens of the split_sums step comparison (0: none)')
+  p.add_argument('--step_width', type=int, default=256)
+  p.add_argument('--step_dtype', default='float32')
+  p.add_argument('--step_reps', type=int, default=10)
   p.add_argument('--json', default=None)
   args = p.parse_args(argv)
   info = _gpt.device_info()
@@ -120,6 +132,61 @@ def main(argv=None):
        for r in rows],
       ['width', 'variant', 'm', 'us', 'GB/s', 'kernels'],
       title=f'Bias-gradient reduction, {info["device"]}, jax {info["jax"]}')
+  if args.step_tokens:
+    rows += _split_sums_steps(args, info)
+  return rows
+
+
+def _split_sums_steps(args, info):
+  """Per-group gradients of a small GPT with and without split_sums."""
+  import grain_optax  # pylint: disable=g-import-not-at-top
+  seq = 128
+  cfg = _gpt.Config(vocab=512, seq=seq, d_model=args.step_width, layers=2,
+                    heads=4, batch=max(1, args.step_tokens // seq),
+                    dtype=args.step_dtype)
+  loss_fn, params = _gpt.build(cfg)
+  batch = _gpt.make_batch(cfg)
+  rows = []
+  for m in args.groups:
+    fns, barriers, times = {}, {}, {False: [], True: []}
+    for split in (False, True):
+      f = jax.jit(grain_optax.group_value_and_grad(loss_fn, m,
+                                                   split_sums=split))
+      barriers[split] = f.lower(params, batch).as_text().count(
+          'optimization_barrier')
+      jax.block_until_ready(f(params, batch))  # compile and warm up
+      fns[split] = f
+    # Wall clock, the two variants interleaved in alternating order, so that
+    # a load that changes during the run (a shared machine) hits both alike.
+    for r in range(args.step_reps):
+      for split in ((False, True) if r % 2 == 0 else (True, False)):
+        start = time.perf_counter()
+        jax.block_until_ready(fns[split](params, batch))
+        times[split].append(time.perf_counter() - start)
+    for split in (False, True):
+      rec = {'benchmark': 'split_sums_step', 'm': m, 'split_sums': split,
+             'timing': 'wall clock, median, interleaved',
+             'reps': args.step_reps, 'tokens': cfg.batch * seq,
+             'width': cfg.d_model, 'dtype': cfg.dtype,
+             'us': statistics.median(times[split]) * 1e6,
+             'min_us': min(times[split]) * 1e6,
+             'barriers': barriers[split],
+             'device': info['device'], 'jax': info['jax']}
+      rows.append(rec)
+      line = json.dumps(rec)
+      print(line, flush=True)
+      if args.json:
+        with open(args.json, 'a') as fh:
+          fh.write(line + '\n')
+  _gpt.print_table(
+      [{'m': r['m'], 'split_sums': r['split_sums'], 'barriers': r['barriers'],
+        'us': r['us'], 'ratio': r['us'] / next(
+            q['us'] for q in rows if q['m'] == r['m'] and not q['split_sums'])}
+       for r in rows],
+      ['m', 'split_sums', 'barriers', 'us', 'ratio'],
+      title=(f'Per-group gradients with and without split_sums '
+             f'({rows[0]["tokens"]} tokens, width {cfg.d_model}, '
+             f'{cfg.dtype}), {info["device"]}, jax {info["jax"]}'))
   return rows
 
 

@@ -129,7 +129,7 @@ def split_accuracy(loss_fn, params, batch, m):
     k = jax.jit(grain_optax.gram_matrix)(g)
     return k, grain_optax.min_norm_weights(k).weights
 
-  k2, w2 = gram_and_weights()
+  k2, w2 = gram_and_weights(split_sums=True)  # the GPU's default
   k1, w1 = gram_and_weights(split_sums=False)
   k32, w32 = gram_and_weights(split_sums=False, grad_dtype='params')
   scale = jnp.max(jnp.diagonal(k1))

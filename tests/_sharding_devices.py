@@ -211,7 +211,8 @@ def case_jit():
       dense_loss, D, split_sums=False))(dense, big)
   for axis_type in (AxisType.Auto, AxisType.Explicit):
     mesh = jax.make_mesh((D,), ('data',), axis_types=(axis_type,))
-    grad_fn = grain_optax.group_value_and_grad(dense_loss, D)
+    grad_fn = grain_optax.group_value_and_grad(dense_loss, D,
+                                               split_sums=True)
     with jax.set_mesh(mesh):
       p = jax.device_put(dense, NamedSharding(mesh, P()))
       b = jax.device_put(big, NamedSharding(mesh, P('data')))

@@ -385,6 +385,6 @@ def test_nnx_split_sums_gives_the_one_stage_gradients():
   chex.assert_trees_all_close(grads[True][1], grads[False][1], rtol=1e-5,
                               atol=1e-7)
   graphdef, state = nnx.split(Wide(nnx.Rngs(0)))
-  fn = grain_optax.nnx_group_value_and_grad(loss_fn, M)
+  fn = grain_optax.nnx_group_value_and_grad(loss_fn, M, split_sums=True)
   jaxpr = jax.make_jaxpr(lambda s: fn(nnx.merge(graphdef, s), batch))(state)
   assert 'optimization_barrier' in str(jaxpr)

@@ -108,7 +108,8 @@ def test_group_gradients_with_and_without_split_sums_agree(dtype):
   params, batch = _data(dtype)
   loss = functools.partial(_dense_loss, dtype=dtype)
   groups = grain_optax.split_into_groups(batch, M)
-  l1, g1 = jax.jit(grain_optax.group_value_and_grad(loss, M))(params, batch)
+  l1, g1 = jax.jit(grain_optax.group_value_and_grad(
+      loss, M, split_sums=True))(params, batch)
   l0, g0 = jax.jit(grain_optax.group_value_and_grad(
       loss, M, split_sums=False))(params, batch)
   np.testing.assert_array_equal(l1, l0)
@@ -132,12 +133,31 @@ def test_group_gradients_with_and_without_split_sums_agree(dtype):
 
 def test_split_sums_is_used_for_groups_and_off_on_request():
   params, batch = _data()
-  on = grain_optax.group_value_and_grad(_dense_loss, M)
+  on = grain_optax.group_value_and_grad(_dense_loss, M, split_sums=True)
   off = grain_optax.group_value_and_grad(_dense_loss, M, split_sums=False)
-  one = grain_optax.group_value_and_grad(_dense_loss, 1)
+  one = grain_optax.group_value_and_grad(_dense_loss, 1, split_sums=True)
   assert _barriers(on, params, batch) >= 1
   assert _barriers(off, params, batch) == 0
   assert _barriers(one, params, batch) == 0  # one group: a plain backward
+
+
+def test_split_sums_auto_is_on_where_the_step_is_traced_for_a_gpu(
+    monkeypatch):
+  params, batch = _data()
+  auto = grain_optax.group_value_and_grad(_dense_loss, M)  # 'auto'
+  on_gpu = jax.default_backend() == 'gpu'
+  assert (_barriers(auto, params, batch) >= 1) == on_gpu
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert reductions.use_split_sums('auto')
+  auto = grain_optax.group_value_and_grad(_dense_loss, M)  # traced anew
+  assert _barriers(auto, params, batch) >= 1
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert not reductions.use_split_sums('auto')
+  assert reductions.use_split_sums(True)
+  assert not reductions.use_split_sums(False)
+  with pytest.raises(ValueError, match="split_sums='yes'"):
+    jax.eval_shape(grain_optax.group_value_and_grad(
+        _dense_loss, M, split_sums='yes'), params, batch)
 
 
 def test_layers_scanned_over_have_their_sums_split():
@@ -155,7 +175,7 @@ def test_layers_scanned_over_have_their_sums_split():
   params = {'k': 0.2 * jax.random.normal(k1, (3, 64, 64)),
             'b': 0.1 * jax.random.normal(k2, (3, 64))}
   batch = {'x': jax.random.normal(k3, (N, 64)), 'y': jnp.zeros((N, 64))}
-  on = grain_optax.group_value_and_grad(loss, M)
+  on = grain_optax.group_value_and_grad(loss, M, split_sums=True)
   off = grain_optax.group_value_and_grad(loss, M, split_sums=False)
   assert _barriers(on, params, batch) >= 1
   (l1, g1), (l0, g0) = jax.jit(on)(params, batch), jax.jit(off)(params, batch)

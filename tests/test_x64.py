@@ -83,7 +83,8 @@ def check_split_sums(dtype):
   # Per-group bias sums large enough to run in two stages (split_sums).
   x = jnp.ones((4096, 64), dtype) / 3
   loss = lambda b, x: jnp.mean(jnp.sum((x + b) ** 2, axis=1))
-  grad_fn = jax.jit(grain_optax.group_value_and_grad(loss, 2))
+  grad_fn = jax.jit(grain_optax.group_value_and_grad(loss, 2,
+                                                    split_sums=True))
   losses, grads = grad_fn(jnp.zeros(64, dtype), x)
   assert grads.dtype == losses.dtype == dtype
   np.testing.assert_allclose(np.asarray(grads), np.full((2, 64), 2 / 3),

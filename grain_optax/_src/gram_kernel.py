@@ -20,10 +20,10 @@ sums differs. Float32 leaves stay with XLA's dot.
 
 Where the kernel runs: CUDA GPUs, one device (``jax.device_count() == 1``; a
 sharded leaf would be gathered to feed a kernel the partitioner cannot
-split), ``m`` a power of two up to 64, and leaves of at least ``KernelConfig.small``
-entries per group (see :func:`supported`); every other leaf, and every other
-platform, goes through XLA's dot. The kernel is
-built and checked once per process on a problem of known answer; where the
+split), ``m`` a power of two up to 64, and leaves of at least
+``KernelConfig.small`` entries per group (see :func:`supported`); every other
+leaf, and every other platform, goes through XLA's dot. The kernel is built
+and checked once per process on a problem of known answer; where the
 check fails (Pallas' GPU backends change between JAX releases) XLA is used,
 with a warning. The backend is the option ``SolverOptions.gram_backend``
 (``'auto'`` or ``'xla'``); when it is None, the environment variable
@@ -46,7 +46,6 @@ import numpy as np
 from grain_optax._src import kernel_probe
 
 ENVIRONMENT_VARIABLE = 'GRAIN_OPTAX_GRAM_BACKEND'
-
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,7 +115,7 @@ def group_value_and_grad(
     chunk_size: Optional[int] = None,
     example_mask: Optional[Callable[..., Any]] = None,
     grad_dtype: str = 'backward',
-    split_sums: bool = True,
+    split_sums: Union[bool, str] = 'auto',
 ) -> Callable[..., Any]:
   r"""Per-group losses and gradients of ``loss_fn`` by ``vmap``.
 
@@ -158,12 +158,15 @@ def group_value_and_grad(
       in tied embeddings, or in float32 arithmetic) keeps its own dtype.
       ``'params'``: every gradient leaf in its parameter's dtype, as
       ``jax.grad`` returns it.
-    split_sums: with ``num_groups > 1`` (default True), each sum over the
-      leading (example, token) axes in the per-group loss and backward pass,
-      such as a bias or LayerNorm gradient, runs as 16 float32 partial sums
-      and their sum: under ``vmap``, XLA's GPU code for the one-stage
-      per-group sum runs at a fraction of the memory bandwidth
-      (``benchmarks/RESULTS.md``, section 1e). Sums of at least 1024
+    split_sums: with ``num_groups > 1``, each sum over the leading
+      (example, token) axes in the per-group loss and backward pass, such as
+      a bias or LayerNorm gradient, runs as 16 float32 partial sums and
+      their sum: under ``vmap``, XLA's GPU code for the one-stage per-group
+      sum runs at a fraction of the memory bandwidth
+      (``benchmarks/RESULTS.md``, section 1e). ``'auto'`` (default): on
+      where the step is traced for a GPU (``jax.default_backend() ==
+      'gpu'``), off on CPUs and TPUs (CPU: section 1e, "On a CPU"); True or
+      False force it on or off. Sums of at least 1024
       elements per group that keep at least 64 values are split, at the
       loss's top level, inside nested ``jax.jit`` and in the bodies of
       ``lax.scan`` (layers scanned over) and ``jax.checkpoint``; those
@@ -276,7 +279,7 @@ def group_value_and_grad(
     def one_group(group_batches):
       return grad_of(*with_batches(args, batch_idx, group_batches), **kwargs)
 
-    if split_sums and num_groups > 1:
+    if reductions.use_split_sums(split_sums) and num_groups > 1:
       one_group = reductions.split_leading_sums(one_group)
 
     if chunk_size is None:

@@ -4,7 +4,7 @@ Flax is imported only inside :func:`nnx_group_value_and_grad`, so the rest of
 the package never needs it.
 """
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ def nnx_group_value_and_grad(
     has_aux: bool = False,
     example_mask: Optional[Callable[[Any], Any]] = None,
     grad_dtype: str = 'backward',
-    split_sums: bool = True,
+    split_sums: Union[bool, str] = 'auto',
 ) -> Callable[..., Any]:
   r"""Per-group losses and gradients of a Flax NNX module, for :func:`grain`.
 
@@ -69,10 +69,11 @@ def nnx_group_value_and_grad(
       gradients in that dtype, which loses nothing (see
       :func:`group_value_and_grad`); ``'params'``: every gradient in its
       variable's dtype.
-    split_sums: with ``num_groups > 1`` (default True), large per-group
-      sums over the leading axes (bias and LayerNorm gradients) run as
-      float32 partial sums and their sum, which XLA runs several times
-      faster on a GPU (see :func:`group_value_and_grad`).
+    split_sums: with ``num_groups > 1``, large per-group sums over the
+      leading axes (bias and LayerNorm gradients) run as float32 partial
+      sums and their sum, which XLA runs faster on a GPU. ``'auto'``
+      (default): on where the step is traced for a GPU, off elsewhere; True
+      or False force it (see :func:`group_value_and_grad`).
 
   Returns:
     A function ``(model, batch, *args) -> (losses, grads)`` or
@@ -181,7 +182,7 @@ def nnx_group_value_and_grad(
     @nnx.split_rngs(splits=num_groups)
     @nnx.vmap(in_axes=(module_axes, 0) + (None,) * len(args), out_axes=0)
     def per_group(model, group, *args):
-      if not (split_sums and num_groups > 1):
+      if not (reductions.use_split_sums(split_sums) and num_groups > 1):
         return this_grad_fn(model, group, *args)
       graphdef, state = nnx.split(model)
 

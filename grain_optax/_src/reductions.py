@@ -19,7 +19,7 @@ Sums in the body of a ``lax.scan`` (layers scanned over) or a
 
 import math
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import jax
 from jax import lax
@@ -157,6 +157,24 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list:
       outs = out if eqn.primitive.multiple_results else [out]
     env.update(zip(eqn.outvars, outs))
   return [read(v) for v in jaxpr.outvars]
+
+
+def use_split_sums(split_sums: Union[bool, str]) -> bool:
+  """Whether the ``split_sums`` option rewrites the sums traced now.
+
+  ``'auto'``: where the computation is traced for a GPU
+  (``jax.default_backend() == 'gpu'``), the platform whose per-group sums
+  the rewrite speeds up; True and False force it on or off.
+
+  Raises:
+    ValueError: for any other value.
+  """
+  if split_sums == 'auto':
+    return jax.default_backend() == 'gpu'
+  if split_sums is True or split_sums is False:
+    return split_sums
+  raise ValueError(f"grain_optax: split_sums={split_sums!r}; use 'auto' "
+                   '(the default), True or False.')
 
 
 def split_leading_sums(fun: Callable[..., Any]) -> Callable[..., Any]:
