@@ -43,7 +43,7 @@ def time_config(*, mode, batch, seq, method, groups, args):
       total_steps=10_000)
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=method, groups=groups,
-      flat=not args.nnx_state)
+      flat=not args.nnx_state, keep_unused=args.keep_unused)
   rng = np.random.default_rng(0)
   data = {
       # Token ids past the special tokens, every position a real token.
@@ -84,6 +84,7 @@ def time_config(*, mode, batch, seq, method, groups, args):
       'mode': mode, 'lora_rank': lora_rank, 'batch': batch, 'seq': seq,
       'method': method, 'groups': groups if method != 'mean' else 1,
       'dtype': args.dtype, 'layers': args.layers or 6,
+      'keep_unused': args.keep_unused,
       'trainable_params': finetune_text.minilm.count_params(
           model, model.trainable()),
       'ms_per_step': statistics.median(per_step),
@@ -114,6 +115,9 @@ def main(argv=None):
   p.add_argument('--nnx-state', action='store_true',
                  help='pass the nnx.State to the jitted step (the slow '
                  'pattern) instead of its flat list of arrays')
+  p.add_argument('--keep-unused', action='store_true',
+                 help="jax.jit(keep_unused=True) for the step: the state's "
+                 'write-only leaves stay inputs, donated and aliased')
   p.add_argument('--monitor', action='store_true',
                  help="also time monitor mode (grain(apply='mean')) per m")
   p.add_argument('--tiny', action='store_true',

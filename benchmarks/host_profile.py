@@ -46,7 +46,7 @@ def build(args):
       total_steps=10_000)
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=args.method, groups=args.groups,
-      flat=not args.nnx_state)
+      flat=not args.nnx_state, keep_unused=getattr(args, 'keep_unused', False))
   rng = np.random.default_rng(0)
   data = {
       'input_ids': rng.integers(1000, 30000,

@@ -92,7 +92,7 @@ def make_optimizer(model, *, method, groups, accumulate, lr, total_steps,
 
 
 def make_train_step(model, optimizer, *, method, groups, donate=None,
-                    flat=True):
+                    flat=True, keep_unused=False):
   """A jitted functional step ``(state, batch) -> (state, metrics)``.
 
   Returns ``(step, state, to_nnx)``. With ``flat=True`` (the fast pattern
@@ -141,7 +141,8 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
     donate = jax.default_backend() != 'cpu'
   to_nnx = ((lambda s: jax.tree_util.tree_unflatten(treedef, s)) if flat
             else (lambda s: s))
-  return (jax.jit(step, donate_argnums=(0,) if donate else ()),
+  return (jax.jit(step, donate_argnums=(0,) if donate else (),
+                  keep_unused=keep_unused),
           leaves if flat else state, to_nnx)
 
 

@@ -1,0 +1,147 @@
+"""Why XLA re-records a short step's CUDA graph on every call (issue 23).
+
+XLA runs a jitted GPU step as CUDA graphs ("command buffers"). A graph is
+reused as long as every buffer its commands touch sits at the address it was
+recorded with; when one moves, XLA re-records the commands before the launch
+(``command_buffer::update`` in a profile: host time on every step). Buffers
+move between calls when an output of the step is not aliased to a donated
+input, so that each call writes it to a freshly allocated buffer which the
+next call then reads.
+
+For the MiniLM step of ``finetune_step_time.py`` this script reports:
+
+* the compiled program's input/output aliasing: the outputs that alias no
+  donated input (index, path, shape, dtype);
+* the outputs whose device address changes from one call to the next (with
+  the step's result fed back as its next input, as a training loop does);
+* with ``TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0`` set
+  by the caller, XLA's own log lines ("Update command buffer ...
+  updated_allocs=N") go to stderr.
+
+    python benchmarks/command_buffers.py --mode lora --method grain --groups 4
+    python benchmarks/command_buffers.py --tiny      # CPU smoke run
+
+Prints a table and one JSON line (``--json`` appends it to a file too).
+"""
+
+import argparse
+import json
+import pathlib
+import re
+import statistics
+import sys
+import time
+
+import jax
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import host_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def aliased_outputs(hlo_text: str) -> set:
+  """Flat output indices that alias a donated parameter, from compiled HLO.
+
+  The module header reads ``input_output_alias={ {0}: (0, {}, may-alias),
+  ... }``; the block is found by matching its braces.
+  """
+  start = hlo_text.find('input_output_alias={')
+  if start < 0:
+    return set()
+  i = start + len('input_output_alias=')
+  depth = 0
+  for j in range(i, len(hlo_text)):
+    depth += {'{': 1, '}': -1}.get(hlo_text[j], 0)
+    if depth == 0:
+      break
+  block = hlo_text[i + 1:j]
+  return {int(k) for k in re.findall(r'\{(\d+)\}\s*:\s*\(', block)}
+
+
+def addresses(tree):
+  out = []
+  for x in jax.tree_util.tree_leaves(tree):
+    try:
+      out.append(x.unsafe_buffer_pointer())
+    except Exception:  # pylint: disable=broad-except
+      out.append(None)
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--mode', choices=('full', 'lora'), default='lora')
+  p.add_argument('--method', choices=('mean', 'grain', 'monitor'),
+                 default='grain')
+  p.add_argument('--groups', type=int, default=4)
+  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--seq', type=int, default=128)
+  p.add_argument('--lora-rank', type=int, default=8)
+  p.add_argument('--layers', type=int, default=None)
+  p.add_argument('--dtype', default='bfloat16')
+  p.add_argument('--steps', type=int, default=30)
+  p.add_argument('--label', default='')
+  p.add_argument('--keep-unused', action='store_true')
+  p.add_argument('--json', default=None)
+  p.add_argument('--tiny', action='store_true')
+  args = p.parse_args(argv)
+  args.nnx_state = False
+  if args.tiny:
+    args.batch, args.seq, args.layers, args.groups, args.steps = 4, 16, 1, 2, 3
+  step, state, data = host_profile.build(args)
+  compiled = step.lower(state, data).compile()
+  hlo = compiled.as_text()
+  out_shape = jax.eval_shape(step, state, data)
+  paths = [jax.tree_util.keystr(k) for k, _ in
+           jax.tree_util.tree_flatten_with_path(out_shape)[0]]
+  leaves = jax.tree_util.tree_leaves(out_shape)
+  aliased = aliased_outputs(hlo)
+  unaliased = [{'index': i, 'path': paths[i], 'shape': list(x.shape),
+                'dtype': str(x.dtype)}
+               for i, x in enumerate(leaves) if i not in aliased]
+  for _ in range(3):
+    state, metrics = compiled(state, data)
+  jax.block_until_ready((state, metrics))
+  history = []
+  for _ in range(4):
+    state, metrics = compiled(state, data)
+    jax.block_until_ready((state, metrics))
+    history.append(addresses((state, metrics)))
+  moving = [i for i in range(len(leaves))
+            if len({h[i] for h in history}) > 1]
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, metrics = compiled(state, data)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - start) / args.steps * 1e3)
+  row = {
+      'benchmark': 'command_buffers', 'label': args.label, 'mode': args.mode,
+      'method': args.method, 'groups': args.groups, 'dtype': args.dtype,
+      'keep_unused': args.keep_unused,
+      'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
+      'outputs': len(leaves), 'aliased': len(aliased),
+      'unaliased': unaliased,
+      'moving': [{'index': i, 'path': paths[i],
+                  'shape': list(leaves[i].shape),
+                  'dtype': str(leaves[i].dtype)} for i in moving],
+      'ms_per_step': statistics.median(times), 'ms_repeats': times,
+  }
+  print(f"{args.label} {args.mode} {args.method} m={args.groups}: "
+        f"{row['ms_per_step']:.2f} ms/step, outputs {len(leaves)}, aliased "
+        f"{len(aliased)}, moving {len(moving)}")
+  for u in unaliased:
+    print(f"   not aliased: #{u['index']} {u['path']} {u['shape']} "
+          f"{u['dtype']}")
+  for u in row['moving']:
+    print(f"   moves:       #{u['index']} {u['path']} {u['shape']} "
+          f"{u['dtype']}")
+  print(json.dumps(row))
+  if args.json:
+    with open(args.json, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+  return row
+
+
+if __name__ == '__main__':
+  main()
