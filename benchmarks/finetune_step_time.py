@@ -33,7 +33,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent
 import finetune_text  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def time_config(*, mode, batch, seq, method, groups, args):
+def build_config(*, mode, batch, seq, method, groups, args):
+  """Model, optimizer, compiled step, state and a pool of device batches."""
   lora_rank = args.lora_rank if mode == 'lora' else 0
   model = finetune_text.build_model(
       5, lora_rank=lora_rank, seed=0,
@@ -43,54 +44,75 @@ def time_config(*, mode, batch, seq, method, groups, args):
       total_steps=10_000)
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=method, groups=groups,
-      flat=not args.nnx_state, keep_unused=args.keep_unused)
+      flat=not args.nnx_state, keep_unused=args.keep_unused,
+      stats_in_metrics=args.stats == 'metrics')
   rng = np.random.default_rng(0)
-  data = {
-      # Token ids past the special tokens, every position a real token.
+  # Token ids past the special tokens, every position a real token. A pool
+  # of distinct device batches for --feed stream (a training loop's batch
+  # sits at a new device address on every step).
+  pool = [jax.device_put({
       'input_ids': rng.integers(1000, 30000, (batch, seq)).astype(np.int32),
       'attention_mask': np.ones((batch, seq), np.int32),
       'labels': rng.integers(0, 5, batch).astype(np.int32),
-  }
-  data = jax.device_put(data)
+  }) for _ in range(4)]
   start = time.perf_counter()
-  compiled = step.lower(state, data).compile()
+  compiled = step.lower(state, pool[0]).compile()
   compile_s = time.perf_counter() - start
-  for _ in range(args.warmup):
-    state, metrics = compiled(state, data)
+  for i in range(args.warmup):
+    state, metrics = compiled(state, pool[i % len(pool)])
   jax.block_until_ready((state, metrics))
-  per_step = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      state, metrics = compiled(state, data)
-    jax.block_until_ready((state, metrics))
-    per_step.append((time.perf_counter() - start) / args.steps * 1e3)
+  return {
+      'compiled': compiled, 'state': state, 'metrics': metrics, 'pool': pool,
+      'per_step': {'fixed': [], 'stream': []},
+      'row': {
+          'mode': mode, 'lora_rank': lora_rank, 'batch': batch, 'seq': seq,
+          'method': method, 'groups': groups if method != 'mean' else 1,
+          'dtype': args.dtype, 'layers': args.layers or 6,
+          'keep_unused': args.keep_unused, 'stats': args.stats,
+          'trainable_params': finetune_text.minilm.count_params(
+              model, model.trainable()),
+          'compile_s': compile_s,
+      },
+  }
+
+
+def time_repeat(config, steps, feed):
+  """One repeat: ``steps`` calls, ms per step (wall clock, to completion)."""
+  compiled, state, pool = config['compiled'], config['state'], config['pool']
+  start = time.perf_counter()
+  for i in range(steps):
+    state, metrics = compiled(state, pool[0 if feed == 'fixed'
+                                          else i % len(pool)])
+  jax.block_until_ready((state, metrics))
+  config['state'], config['metrics'] = state, metrics
+  return (time.perf_counter() - start) / steps * 1e3
+
+
+def finish_row(config, args):
+  """The row of one configuration, with its device profile if asked."""
   profile = {}
   if args.profile:
     # Device time of the same step: the wall-clock time of this small model
-    # is bound by the host (issue 13: repeats spread from 3 to 10 ms).
+    # is bound by the host (see RESULTS.md, "Short steps").
     import _gpt  # pylint: disable=g-import-not-at-top
-    holder = [state]
+    compiled, data = config['compiled'], config['pool'][0]
 
     def run():
-      holder[0], out = compiled(holder[0], data)
+      config['state'], out = compiled(config['state'], data)
       return out
 
     profile = _gpt.profile_device(run, steps=5)
-    state = holder[0]
-  return {
-      'device_busy_ms': profile.get('busy_ms'),
-      'device_kernels': profile.get('kernels'),
-      'mode': mode, 'lora_rank': lora_rank, 'batch': batch, 'seq': seq,
-      'method': method, 'groups': groups if method != 'mean' else 1,
-      'dtype': args.dtype, 'layers': args.layers or 6,
-      'keep_unused': args.keep_unused,
-      'trainable_params': finetune_text.minilm.count_params(
-          model, model.trainable()),
-      'ms_per_step': statistics.median(per_step),
-      'ms_per_step_repeats': per_step, 'compile_s': compile_s,
-      'loss': float(metrics['loss']),
-  }
+  row = dict(config['row'])
+  feeds = {f: t for f, t in config['per_step'].items() if t}
+  row.update(
+      device_busy_ms=profile.get('busy_ms'),
+      device_kernels=profile.get('kernels'),
+      ms_per_step=statistics.median(feeds[args.feed[0]]),
+      ms_per_step_repeats=feeds[args.feed[0]],
+      ms_per_step_by_feed={f: statistics.median(t) for f, t in feeds.items()},
+      ms_repeats_by_feed=feeds,
+      loss=float(config['metrics']['loss']))
+  return row
 
 
 def main(argv=None):
@@ -118,6 +140,13 @@ def main(argv=None):
   p.add_argument('--keep-unused', action='store_true',
                  help="jax.jit(keep_unused=True) for the step: the state's "
                  'write-only leaves stay inputs, donated and aliased')
+  p.add_argument('--stats', choices=('metrics', 'state'), default='metrics',
+                 help="GRAIN's logged cosines as outputs of the step "
+                 "('metrics') or read from the donated state ('state')")
+  p.add_argument('--feed', default='fixed',
+                 help="'fixed' (one device batch for every step), 'stream' "
+                 "(4 device batches in turn, as a training loop feeds new "
+                 "ones) or both, comma-separated; the first is the table's")
   p.add_argument('--monitor', action='store_true',
                  help="also time monitor mode (grain(apply='mean')) per m")
   p.add_argument('--tiny', action='store_true',
@@ -127,6 +156,7 @@ def main(argv=None):
   if args.tiny:
     args.batches, args.seq, args.groups, args.layers = '4', 16, '2', 1
     args.steps, args.repeats, args.warmup = 2, 1, 1
+  args.feed = args.feed.split(',')
   modes = args.modes.split(',')
   batches = [int(b) for b in args.batches.split(',')]
   groups = [int(g) for g in args.groups.split(',')]
@@ -137,7 +167,10 @@ def main(argv=None):
          'python': platform.python_version(),
          'matmul_precision': str(jax.config.jax_default_matmul_precision)}
   print(json.dumps({'env': env}))
-  rows = []
+  # Every configuration is compiled first and then timed in turn, repeat by
+  # repeat, so that a drift of the host or the GPU over the run falls on
+  # all of them alike and the ratios to the mean compare like with like.
+  configs = []
   for mode in modes:
     for batch in batches:
       runs = [('mean', 1, None)] + [
@@ -150,18 +183,28 @@ def main(argv=None):
           continue
         if gram_backend:
           os.environ['GRAIN_OPTAX_GRAM_BACKEND'] = gram_backend
-        row = time_config(mode=mode, batch=batch, seq=args.seq, method=method,
-                          groups=m, args=args)
-        row.update(env, gram_backend=gram_backend)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        config = build_config(mode=mode, batch=batch, seq=args.seq,
+                              method=method, groups=m, args=args)
+        config['row'].update(env, gram_backend=gram_backend)
+        configs.append(config)
+  for _ in range(args.repeats):
+    for config in configs:
+      for feed in args.feed:
+        config['per_step'][feed].append(time_repeat(config, args.steps, feed))
+  rows = []
+  for config in configs:
+    row = finish_row(config, args)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
 
   print()
   print(f"MiniLM fine-tuning step, {env['device']} ({env['backend']}), JAX "
         f"{env['jax']}, {args.dtype} compute, float32 params; median of "
-        f"{args.repeats} x {args.steps} steps")
+        f"{args.repeats} x {args.steps} steps, interleaved; batch fed "
+        f"{args.feed[0]}")
   print(f"{'mode':<10}{'batch':>10}  {'method':<12}{'ms/step':>9}"
-        f"{'x mean':>8}{'compile s':>11}{'busy ms':>9}{'x mean':>8}")
+        f"{'x mean':>8}{'compile s':>11}{'busy ms':>9}{'x mean':>8}"
+        + ''.join(f"{f + ' ms':>11}{'x mean':>8}" for f in args.feed[1:]))
   for row in rows:
     base = next(r for r in rows if r['mode'] == row['mode']
                 and r['batch'] == row['batch'] and r['method'] == 'mean')
@@ -178,7 +221,13 @@ def main(argv=None):
                  if row['busy_ratio_to_mean'] else f"{'-':>9}{'-':>8}")
     print(f"{mode:<10}{row['batch']:>5} x {row['seq']:<3} {name:<12}"
           f"{row['ms_per_step']:>9.2f}{row['ratio_to_mean']:>8.2f}"
-          f"{row['compile_s']:>11.1f}{busy_cols}")
+          f"{row['compile_s']:>11.1f}{busy_cols}", end='')
+    for feed in args.feed[1:]:
+      ms = row['ms_per_step_by_feed'][feed]
+      ratio = ms / base['ms_per_step_by_feed'][feed]
+      row.setdefault('ratio_to_mean_by_feed', {})[feed] = ratio
+      print(f"{ms:>11.2f}{ratio:>8.2f}", end='')
+    print()
   if args.json:
     with open(args.json, 'w') as f:
       for row in rows:

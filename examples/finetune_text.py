@@ -92,7 +92,7 @@ def make_optimizer(model, *, method, groups, accumulate, lr, total_steps,
 
 
 def make_train_step(model, optimizer, *, method, groups, donate=None,
-                    flat=True, keep_unused=False):
+                    flat=True, keep_unused=False, stats_in_metrics=True):
   """A jitted functional step ``(state, batch) -> (state, metrics)``.
 
   Returns ``(step, state, to_nnx)``. With ``flat=True`` (the fast pattern
@@ -108,6 +108,11 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
   ``metrics``: ``loss`` (mean over the batch), and for GRAIN ``cos`` (the
   worst cosine of the min-norm direction with a group gradient, >= 0) and
   ``cos_mean`` (the same for the plain mean; negative: the groups conflict).
+  With ``stats_in_metrics=False`` ``metrics`` holds the loss alone: GRAIN's
+  statistics stay in the (donated) state, where
+  ``grain_optax.grain_statistics(to_nnx(state))`` reads them; the step then
+  has no output that the mean's step lacks (see
+  ``docs/guides/performance.md``, "Short steps are bound by the host").
   """
   wrt = model.trainable()
   grouped = method in ('grain', 'monitor')
@@ -129,7 +134,7 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
       loss, grads = grad_fn(model, batch)
     optimizer.update(model, grads)
     metrics = {'loss': loss}
-    if grouped:
+    if grouped and stats_in_metrics:
       stats = grain_optax.grain_statistics(optimizer.opt_state)['grain']
       metrics.update(cos=stats.min_cosine, cos_mean=stats.mean_min_cosine)
     state = nnx.state((model, optimizer))

@@ -195,13 +195,23 @@ def solution_state(previous: GrainState, solution: solvers.MinNormSolution,
     stats: its :class:`Statistics` (from :func:`solve_statistics`).
     record_weights: store ``solution.weights`` in the state.
   """
-  return GrainState(
+  new = GrainState(
       count=optax.safe_increment(previous.count),
       weights=solution.weights if record_weights else previous.weights,
       kkt_residual=jnp.asarray(solution.kkt_residual, jnp.float32),
       num_iterations=jnp.asarray(solution.num_iterations, jnp.int32),
       **stats._asdict(),
   )
+  # Every field reads its previous value (a select that never picks it:
+  # ``count`` never falls below 0). A field that the update only writes
+  # would be an unused input of a jitted step, which ``jax.jit`` prunes
+  # (``keep_unused=False``): it is then neither donated nor aliased to its
+  # output, lands in a fresh buffer on every call, and on a GPU XLA
+  # re-records the step's CUDA graph for the moved buffer each time
+  # (``benchmarks/command_buffers.py``; RESULTS.md, "Short steps").
+  never = previous.count < 0
+  return jax.tree_util.tree_map(
+      lambda fresh, old: jnp.where(never, old, fresh), new, previous)
 
 
 class AccumulateState(NamedTuple):
