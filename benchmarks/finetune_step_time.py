@@ -107,6 +107,8 @@ def finish_row(config, args):
   row.update(
       device_busy_ms=profile.get('busy_ms'),
       device_kernels=profile.get('kernels'),
+      device_category_ms=profile.get('category_ms'),
+      device_top_kernels_ms=(profile.get('top_kernels_ms') or [])[:25],
       ms_per_step=statistics.median(feeds[args.feed[0]]),
       ms_per_step_repeats=feeds[args.feed[0]],
       ms_per_step_by_feed={f: statistics.median(t) for f, t in feeds.items()},
