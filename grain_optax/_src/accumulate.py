@@ -11,10 +11,11 @@ that mean with the minimum-norm point of the :math:`k` stored gradients,
 and hands :math:`d` to an inner transformation once per window.
 """
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from grain_optax._src import min_norm_point as mnp_lib
@@ -38,6 +39,77 @@ def _window_size(every_k: EveryK, max_every_k: int,
         f'grain_optax.accumulate: every_k must give a scalar window size; got '
         f'shape {k.shape}.')
   return jnp.clip(k.astype(jnp.int32), 1, max_every_k)
+
+
+def _check_window(every_k: Any, max_every_k: Any,
+                  caller: str) -> Tuple[Any, int]:
+  """:func:`accumulate`'s ``(every_k, max_every_k)``, checked.
+
+  Returns ``every_k`` as a Python int when it is integer-like (else as
+  given: a schedule or an array) and ``max_every_k`` as a Python int.
+  """
+  if isinstance(every_k, (bool, np.bool_)):
+    raise ValueError(f'{caller}: every_k must be an int >= 1, got '
+                     f'{every_k!r}.')
+  if validation.is_int_like(every_k):  # Python or NumPy integer.
+    every_k = int(every_k)
+    if every_k < 1:
+      raise ValueError(f'{caller}: every_k must be >= 1, got {every_k}.')
+    if max_every_k is None:
+      max_every_k = every_k
+    if max_every_k != every_k:
+      raise ValueError(
+          f'{caller}: with an int every_k={every_k}, '
+          f'max_every_k must be None or equal to it, got {max_every_k}.')
+  elif max_every_k is None:
+    raise ValueError(
+        f'{caller}: every_k is a schedule or an array '
+        f'({type(every_k).__name__}), so the buffer size cannot be read from '
+        'it; give max_every_k (a Python int >= 1) to keep shapes static. With '
+        "optax.inject_hyperparams, either pass static_args=('every_k',) or "
+        'give max_every_k.')
+  max_every_k = validation.positive_int(
+      max_every_k, 'max_every_k', caller,
+      hint=(" (with optax.inject_hyperparams, pass "
+            "static_args=('max_every_k',))"))
+  return every_k, max_every_k
+
+
+def _check_like_buffer(updates: Any, buffer: Any, caller: str) -> None:
+  """Checks that ``updates`` is :func:`accumulate`'s buffer without slots."""
+  b_struct = jax.tree_util.tree_structure(buffer)
+  u_struct = jax.tree_util.tree_structure(updates)
+  if b_struct != u_struct:
+    raise ValueError(
+        f'{caller}: the updates and the params given to init '
+        f'have different tree structures:\n  updates: {u_struct}\n'
+        f'  params:  {b_struct}')
+  u_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for (path, u), b in zip(u_leaves, jax.tree_util.tree_leaves(buffer)):
+    shape = tuple(getattr(u, 'shape', ()))
+    if shape != tuple(b.shape[1:]):
+      hint = ''
+      if len(shape) == b.ndim and shape[1:] == tuple(b.shape[1:]):
+        hint = (' These look like per-group gradients (a leading group axis of '
+                f'{shape[0]}): put grain_optax.grain() before accumulate in '
+                'the chain to combine the groups first.')
+      raise ValueError(
+          f'{caller}: leaf {validation.leaf_name(path)} of the '
+          f'updates has shape {shape}, but the matching param has shape '
+          f'{tuple(b.shape[1:])}; accumulate takes one ordinary '
+          f'(params-shaped) gradient per call.{hint}')
+
+
+def _microbatch_mask(mask: Any, caller: str) -> jax.Array:
+  """:func:`accumulate`'s ``microbatch_mask`` as a scalar bool array."""
+  if mask is None:
+    return jnp.ones([], bool)
+  if np.shape(mask) != ():
+    raise ValueError(
+        f'{caller}: microbatch_mask must be a scalar bool '
+        '(False: this call\'s gradient takes no part in the window), got '
+        f'shape {np.shape(mask)}.')
+  return jnp.asarray(mask).astype(bool)
 
 
 def accumulate(
@@ -175,7 +247,7 @@ def accumulate(
   """
   caller = 'grain_optax.accumulate'
   apply = variants.check_apply(apply, caller)
-  every_k, max_every_k = validation.window(every_k, max_every_k, caller)
+  every_k, max_every_k = _check_window(every_k, max_every_k, caller)
   # Numeric solver options may be arrays (optax.inject_hyperparams).
   options = solvers.check_options(solvers.merge_options(
       solver_options, caller=caller, solver=solver, tolerance=tolerance,
@@ -212,10 +284,10 @@ def accumulate(
 
   def update_fn(updates, state, params=None, *, microbatch_mask=None,
                 **extra_args):
-    validation.check_like_buffer(updates, state.buffer, caller)
+    _check_like_buffer(updates, state.buffer, caller)
     k = _window_size(every_k, num_slots, state.stats.count)
     slot = state.mini_step
-    take_part = validation.microbatch_mask(microbatch_mask, caller)
+    take_part = _microbatch_mask(microbatch_mask, caller)
     in_use = jnp.where(slot == 0, jnp.zeros_like(state.in_use), state.in_use)
     in_use = jnp.where(jnp.arange(num_slots) == slot, take_part, in_use)
     buffer = jax.tree_util.tree_map(

@@ -37,6 +37,16 @@ import jax.numpy as jnp
 
 from grain_optax._src import jaxpr_calls
 
+GRAD_DTYPES = ('backward', 'params')
+
+
+def check_grad_dtype(value: Any, caller: str) -> str:
+  """``value`` if it is one of :data:`GRAD_DTYPES`; else a ValueError."""
+  if value not in GRAD_DTYPES:
+    raise ValueError(f'{caller}: grad_dtype={value!r}; expected one of '
+                     f'{GRAD_DTYPES}.')
+  return value
+
 
 def _uses(jaxpr, var) -> List[Any]:
   """``(eqn, operand index)`` of every use of ``var``; None for an output."""

@@ -1,6 +1,6 @@
 """Splitting a batch into groups and per-group gradients by ``vmap``."""
 
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,33 @@ def split_into_groups(batch: Any, num_groups: int) -> Any:
     return leaf.reshape((num_groups, shape[0] // num_groups) + tuple(shape[1:]))
 
   return jax.tree_util.tree_map(split, batch)
+
+
+def batch_indices(batch_argnums: Any, caller: str) -> Tuple[int, ...]:
+  """``batch_argnums`` (an int or a sequence of ints) as a tuple of ints."""
+  many = isinstance(batch_argnums, (tuple, list))
+  items = tuple(batch_argnums) if many else (batch_argnums,)
+  out = []
+  for i in items:
+    if not validation.is_int_like(i) or i < 0:
+      raise ValueError(
+          f'{caller}: batch_argnums must be a non-negative int or a tuple of '
+          f'them, got {batch_argnums!r}.')
+    out.append(int(i))
+  if not out or len(set(out)) != len(out):
+    raise ValueError(
+        f'{caller}: batch_argnums must name at least one argument, each '
+        f'once; got {batch_argnums!r}.')
+  return tuple(out)
+
+
+def enough_positional(batch_idx: Sequence[int], batch_argnums: Any,
+                      args: Sequence[Any], caller: str) -> None:
+  """Checks that the call gave every argument ``batch_argnums`` names."""
+  if max(batch_idx) >= len(args):
+    raise ValueError(
+        f'{caller}: batch_argnums={batch_argnums}, but only {len(args)} '
+        'positional arguments were given.')
 
 
 def with_batches(args: Sequence[Any], batch_idx: Sequence[int],
@@ -214,8 +241,8 @@ def group_value_and_grad(
   if chunk_size is not None:
     chunk_size = validation.positive_int(
         chunk_size, 'chunk_size', 'grain_optax', phrase='None or an int >= 1')
-  batch_idx = validation.batch_indices(batch_argnums, 'grain_optax')
-  validation.grad_dtype(grad_dtype, 'grain_optax')
+  batch_idx = batch_indices(batch_argnums, 'grain_optax')
+  backward_dtype.check_grad_dtype(grad_dtype, 'grain_optax')
   diff_args = (argnums,) if isinstance(argnums, int) else tuple(argnums)
   if set(batch_idx) & set(diff_args):
     raise ValueError(
@@ -254,8 +281,7 @@ def group_value_and_grad(
     return tuple(with_diff(args, narrow, treedef)), (dtypes, treedef)
 
   def wrapped(*args, **kwargs):
-    validation.enough_positional(batch_idx, batch_argnums, args,
-                                 'grain_optax')
+    enough_positional(batch_idx, batch_argnums, args, 'grain_optax')
     groups = tuple(split_into_groups(args[i], num_groups) for i in batch_idx)
     wide = None
     if grad_dtype == 'backward':

@@ -241,7 +241,7 @@ def grain_value_and_grad(
       loss_fn, num_groups, has_aux=has_aux, argnums=argnums,
       batch_argnums=batch_argnums, chunk_size=chunk_size,
       grad_dtype=grad_dtype, split_sums=split_sums)
-  batch_idx = validation.batch_indices(batch_argnums, caller)
+  batch_idx = grouping.batch_indices(batch_argnums, caller)
   multiple = not isinstance(argnums, int)
   diff_args = tuple(argnums) if multiple else (argnums,)
 
@@ -266,7 +266,7 @@ def grain_value_and_grad(
     return grads if multiple else grads[0]
 
   def wrapped(*args, **kwargs):
-    validation.enough_positional(batch_idx, batch_argnums, args, caller)
+    grouping.enough_positional(batch_idx, batch_argnums, args, caller)
     (out, per_group) = per_group_fn(*args, **kwargs)
     losses, aux = (out if has_aux else (out, None))
     mask = None

@@ -114,7 +114,8 @@ def nnx_group_value_and_grad(
         'pip install grain_optax[flax]  (or: pip install flax).') from e
 
   num_groups = validation.check_num_groups(num_groups)
-  validation.grad_dtype(grad_dtype, 'grain_optax.nnx_group_value_and_grad')
+  backward_dtype.check_grad_dtype(grad_dtype,
+                                  'grain_optax.nnx_group_value_and_grad')
   if wrt is None:
     wrt = nnx.Param
   grad_fn = nnx.value_and_grad(

@@ -24,6 +24,7 @@ from typing import Any, Literal, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from grain_optax._src import exact
 from grain_optax._src import validation
@@ -57,6 +58,27 @@ def _dot(a, b):
   return jnp.dot(a, b, precision=_HIGHEST)
 
 
+def _square_gram(gram: Any) -> jax.Array:
+  """``gram`` as a float32 ``[m, m]`` array with ``m >= 1``."""
+  gram = jnp.asarray(gram)
+  if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+    raise ValueError(
+        f'grain_optax: the Gram matrix must be square [m, m]; got shape '
+        f'{gram.shape}.')
+  if gram.shape[0] < 1:
+    raise ValueError('grain_optax: the Gram matrix is empty (m = 0 groups).')
+  return gram.astype(jnp.float32)
+
+
+def _check_gram_mask(mask: Any, num_groups: int) -> None:
+  """Checks that a solver's ``mask`` has shape ``[num_groups]``."""
+  if mask is not None and tuple(np.shape(mask)) != (num_groups,):
+    raise ValueError(
+        f'grain_optax: mask has shape {tuple(np.shape(mask))}, but the Gram '
+        f'matrix has {num_groups} groups; expected shape '
+        f'({num_groups},), True for the groups to include.')
+
+
 def normalize_gram(gram: jax.typing.ArrayLike,
                    mask: Optional[jax.typing.ArrayLike] = None
                    ) -> Tuple[jax.Array, jax.Array, jax.Array]:
@@ -76,9 +98,9 @@ def normalize_gram(gram: jax.typing.ArrayLike,
     largest diagonal (all zero if ``scale`` is 0), the ``[m]`` bool mask of
     included groups and the ``[]`` float32 scale that was divided out.
   """
-  gram = validation.square_gram(gram)
+  gram = _square_gram(gram)
   valid = jnp.isfinite(jnp.diagonal(gram))
-  validation.gram_mask(mask, gram.shape[0])
+  _check_gram_mask(mask, gram.shape[0])
   if mask is not None:
     valid = valid & jnp.asarray(mask, bool)
   pair = valid[:, None] & valid[None, :]
@@ -234,6 +256,24 @@ def merge_options(solver_options: Optional[SolverOptions], *, caller: str,
   return solver_options
 
 
+def _check_max_iterations(max_iterations: Any, solver: str,
+                           caller: str) -> Any:
+  """A transformation's ``max_iterations``: an int >= 1, None or an array.
+
+  Arrays (``optax.inject_hyperparams`` makes them) are passed on, except
+  with ``'projected_gradient'``, whose loop bound jaxopt needs static.
+  """
+  if validation.is_int_like(max_iterations):
+    return validation.positive_int(max_iterations, 'max_iterations', caller)
+  if max_iterations is not None and solver == 'projected_gradient':
+    raise ValueError(
+        f"{caller}: with solver='projected_gradient', max_iterations must "
+        f'be a Python int (jaxopt needs a static loop bound), got '
+        f'{max_iterations!r}. With optax.inject_hyperparams, pass '
+        "static_args=('max_iterations',).")
+  return max_iterations
+
+
 def check_options(options: SolverOptions, *, caller: str) -> SolverOptions:
   """``options`` checked once, where a transformation is built.
 
@@ -245,7 +285,7 @@ def check_options(options: SolverOptions, *, caller: str) -> SolverOptions:
   check_solver(options.solver, caller)
   if options.exact_backend is not None:
     exact.resolve_backend(options.exact_backend)
-  return options._replace(max_iterations=validation.factory_max_iterations(
+  return options._replace(max_iterations=_check_max_iterations(
       options.max_iterations, options.solver, caller))
 
 

@@ -1,18 +1,27 @@
-"""Every input check of the package, with errors that name what is wrong.
+"""The input checks shared by the package, with errors that name what is wrong.
 
 Public functions call these once, at construction or when traced, and then
 call unchecked internals. Errors name the caller, the option or the leaf (by
 its pytree path) and, where there is one, what to write instead.
+
+The generic checks live here (leaf names, group counts, integers, masks,
+dtypes). A check of one feature's option lives in that feature's module:
+the solver's in :mod:`solvers`, :func:`accumulate`'s in :mod:`accumulate`,
+``batch_argnums`` in :mod:`grouping`, ``grad_dtype`` in
+:mod:`backward_dtype`. Those of :func:`grain` alone (its ``mask``, the
+per-group updates against the params, the optax wrappers it cannot go
+inside) are still here, not yet in :mod:`transform`.
 """
 
 import operator
 import sys
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 
 def leaf_name(path) -> str:
   """A readable name for a pytree path, e.g. ``['dense']['kernel']``."""
@@ -260,72 +269,6 @@ def check_num_groups(num_groups: Any) -> int:
   return positive_int(num_groups, 'num_groups', 'grain_optax')
 
 
-def factory_max_iterations(max_iterations: Any, solver: str,
-                           caller: str) -> Any:
-  """A transformation's ``max_iterations``: an int >= 1, None or an array.
-
-  Arrays (``optax.inject_hyperparams`` makes them) are passed on, except
-  with ``'projected_gradient'``, whose loop bound jaxopt needs static.
-  """
-  if is_int_like(max_iterations):
-    return positive_int(max_iterations, 'max_iterations', caller)
-  if max_iterations is not None and solver == 'projected_gradient':
-    raise ValueError(
-        f"{caller}: with solver='projected_gradient', max_iterations must "
-        f'be a Python int (jaxopt needs a static loop bound), got '
-        f'{max_iterations!r}. With optax.inject_hyperparams, pass '
-        "static_args=('max_iterations',).")
-  return max_iterations
-
-
-def square_gram(gram: Any) -> jax.Array:
-  """``gram`` as a float32 ``[m, m]`` array with ``m >= 1``."""
-  gram = jnp.asarray(gram)
-  if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-    raise ValueError(
-        f'grain_optax: the Gram matrix must be square [m, m]; got shape '
-        f'{gram.shape}.')
-  if gram.shape[0] < 1:
-    raise ValueError('grain_optax: the Gram matrix is empty (m = 0 groups).')
-  return gram.astype(jnp.float32)
-
-
-def gram_mask(mask: Any, num_groups: int) -> None:
-  """Checks that a solver's ``mask`` has shape ``[num_groups]``."""
-  if mask is not None and tuple(np.shape(mask)) != (num_groups,):
-    raise ValueError(
-        f'grain_optax: mask has shape {tuple(np.shape(mask))}, but the Gram '
-        f'matrix has {num_groups} groups; expected shape '
-        f'({num_groups},), True for the groups to include.')
-
-
-def batch_indices(batch_argnums: Any, caller: str) -> Tuple[int, ...]:
-  """``batch_argnums`` (an int or a sequence of ints) as a tuple of ints."""
-  many = isinstance(batch_argnums, (tuple, list))
-  items = tuple(batch_argnums) if many else (batch_argnums,)
-  out = []
-  for i in items:
-    if not is_int_like(i) or i < 0:
-      raise ValueError(
-          f'{caller}: batch_argnums must be a non-negative int or a tuple of '
-          f'them, got {batch_argnums!r}.')
-    out.append(int(i))
-  if not out or len(set(out)) != len(out):
-    raise ValueError(
-        f'{caller}: batch_argnums must name at least one argument, each '
-        f'once; got {batch_argnums!r}.')
-  return tuple(out)
-
-
-def enough_positional(batch_idx: Sequence[int], batch_argnums: Any,
-                      args: Sequence[Any], caller: str) -> None:
-  """Checks that the call gave every argument ``batch_argnums`` names."""
-  if max(batch_idx) >= len(args):
-    raise ValueError(
-        f'{caller}: batch_argnums={batch_argnums}, but only {len(args)} '
-        'positional arguments were given.')
-
-
 def leaf_flags(mask: Any, updates: Any, params: Any,
                caller: str) -> List[bool]:
   """The ``mask`` option of :func:`grain` as one static bool per leaf."""
@@ -363,76 +306,6 @@ def leaf_flags(mask: Any, updates: Any, params: Any,
     raise ValueError(f'{caller}: mask is False for every leaf; nothing to '
                      'train.')
   return flags
-
-
-def window(every_k: Any, max_every_k: Any, caller: str) -> Tuple[Any, int]:
-  """:func:`accumulate`'s ``(every_k, max_every_k)``, checked.
-
-  Returns ``every_k`` as a Python int when it is integer-like (else as
-  given: a schedule or an array) and ``max_every_k`` as a Python int.
-  """
-  if isinstance(every_k, (bool, np.bool_)):
-    raise ValueError(f'{caller}: every_k must be an int >= 1, got '
-                     f'{every_k!r}.')
-  if is_int_like(every_k):  # Python or NumPy integer.
-    every_k = int(every_k)
-    if every_k < 1:
-      raise ValueError(f'{caller}: every_k must be >= 1, got {every_k}.')
-    if max_every_k is None:
-      max_every_k = every_k
-    if max_every_k != every_k:
-      raise ValueError(
-          f'{caller}: with an int every_k={every_k}, '
-          f'max_every_k must be None or equal to it, got {max_every_k}.')
-  elif max_every_k is None:
-    raise ValueError(
-        f'{caller}: every_k is a schedule or an array '
-        f'({type(every_k).__name__}), so the buffer size cannot be read from '
-        'it; give max_every_k (a Python int >= 1) to keep shapes static. With '
-        "optax.inject_hyperparams, either pass static_args=('every_k',) or "
-        'give max_every_k.')
-  max_every_k = positive_int(
-      max_every_k, 'max_every_k', caller,
-      hint=(" (with optax.inject_hyperparams, pass "
-            "static_args=('max_every_k',))"))
-  return every_k, max_every_k
-
-
-def check_like_buffer(updates: Any, buffer: Any, caller: str) -> None:
-  """Checks that ``updates`` is :func:`accumulate`'s buffer without slots."""
-  b_struct = jax.tree_util.tree_structure(buffer)
-  u_struct = jax.tree_util.tree_structure(updates)
-  if b_struct != u_struct:
-    raise ValueError(
-        f'{caller}: the updates and the params given to init '
-        f'have different tree structures:\n  updates: {u_struct}\n'
-        f'  params:  {b_struct}')
-  u_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
-  for (path, u), b in zip(u_leaves, jax.tree_util.tree_leaves(buffer)):
-    shape = tuple(getattr(u, 'shape', ()))
-    if shape != tuple(b.shape[1:]):
-      hint = ''
-      if len(shape) == b.ndim and shape[1:] == tuple(b.shape[1:]):
-        hint = (' These look like per-group gradients (a leading group axis of '
-                f'{shape[0]}): put grain_optax.grain() before accumulate in '
-                'the chain to combine the groups first.')
-      raise ValueError(
-          f'{caller}: leaf {leaf_name(path)} of the '
-          f'updates has shape {shape}, but the matching param has shape '
-          f'{tuple(b.shape[1:])}; accumulate takes one ordinary '
-          f'(params-shaped) gradient per call.{hint}')
-
-
-def microbatch_mask(mask: Any, caller: str) -> jax.Array:
-  """:func:`accumulate`'s ``microbatch_mask`` as a scalar bool array."""
-  if mask is None:
-    return jnp.ones([], bool)
-  if np.shape(mask) != ():
-    raise ValueError(
-        f'{caller}: microbatch_mask must be a scalar bool '
-        '(False: this call\'s gradient takes no part in the window), got '
-        f'shape {np.shape(mask)}.')
-  return jnp.asarray(mask).astype(bool)
 
 
 def float_dtype(dtype: Any, name: str, caller: str, *,
@@ -483,14 +356,3 @@ def communication_dtype(dtype: Any, caller: str) -> Any:
       f'and the update move in it unscaled, and {why}. Use jnp.bfloat16 '
       '(the exponent range of float32 at half the bytes), jnp.float32, or '
       'None (each leaf in its own dtype).')
-
-
-GRAD_DTYPES = ('backward', 'params')
-
-
-def grad_dtype(value: Any, caller: str) -> str:
-  """``value`` if it is one of :data:`GRAD_DTYPES`; else a ValueError."""
-  if value not in GRAD_DTYPES:
-    raise ValueError(f'{caller}: grad_dtype={value!r}; expected one of '
-                     f'{GRAD_DTYPES}.')
-  return value
