@@ -201,6 +201,44 @@ def test_gradient_memory_does_not_grow_with_groups():
     assert temp(lean_mode, 8) <= 0.5 * temp(default_mode, 8)
 
 
+def test_grain_grad_carries_the_statistics_of_grain_state():
+  # Every field of GrainState but the update count, and the same metrics.
+  assert set(grain_optax.GrainState._fields) - {'count'} <= set(
+      grain_optax.GrainGrad._fields)
+  params, batch = setup(7)
+  out = grain_optax.grain_value_and_grad(mlp_loss, 4)(params, batch)
+  _, _, _, per_group = default_path(mlp_loss, 4, params, batch)
+  tx = grain_optax.grain(num_groups=4)
+  _, state = tx.update(per_group, tx.init(params), params)
+  assert set(grain_optax.metrics(out)) == set(grain_optax.metrics(state))
+
+
+def test_split_sums_defaults_to_auto_like_group_value_and_grad(monkeypatch):
+  # 4 groups of 1024 rows: the first pass's per-group bias sums are large
+  # enough to run in two stages where split_sums is on.
+  kx, kw = jax.random.split(jax.random.key(0))
+  params = {'w': 0.1 * jax.random.normal(kw, (8, 64)), 'b': jnp.zeros(64)}
+  batch = {'x': jax.random.normal(kx, (4096, 8)), 'y': jnp.zeros((4096, 64))}
+
+  def loss_fn(params, batch):
+    return jnp.mean((batch['x'] @ params['w'] + params['b'] - batch['y']) ** 2)
+
+  def barriers(**kwargs):
+    fn = grain_optax.grain_value_and_grad(loss_fn, 4, **kwargs)
+    return str(jax.make_jaxpr(fn)(params, batch)).count(
+        'optimization_barrier')
+
+  assert barriers(split_sums=True) >= 1
+  assert barriers(split_sums=False) == 0
+  assert (barriers() >= 1) == (jax.default_backend() == 'gpu')  # 'auto'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert barriers() >= 1
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert barriers() == 0
+  with pytest.raises(ValueError, match="split_sums='yes'"):
+    barriers(split_sums='yes')
+
+
 def test_errors():
   params, batch = setup(9)
   with pytest.raises(ValueError, match='num_groups'):

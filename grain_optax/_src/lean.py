@@ -115,7 +115,7 @@ def grain_value_and_grad(
     regularization: jax.typing.ArrayLike = 1e-7,
     stepsize: jax.typing.ArrayLike = 0.0,
     grad_dtype: str = 'backward',
-    split_sums: bool = True,
+    split_sums: Union[bool, str] = 'auto',
     apply: str = 'grain',
     solver_options: Optional[solvers.SolverOptions] = None,
 ) -> Callable[..., GrainGrad]:
@@ -179,8 +179,10 @@ def grain_value_and_grad(
       :func:`group_value_and_grad` (``grads`` is always in the dtypes of the
       differentiated arguments).
     split_sums: per-group sums of the first pass in two float32 stages, see
-      :func:`group_value_and_grad` (the second pass is an ordinary backward
-      pass and is never rewritten).
+      :func:`group_value_and_grad`. ``'auto'`` (default): on where the step
+      is traced for a GPU, off on CPUs and TPUs; True or False force it on or
+      off. The second pass is an ordinary backward pass and is never
+      rewritten.
     apply: what the update is; ``weights`` and every statistic in the result are
       those of the min-norm point whatever is applied; ``grads`` is the
       applied update, from the second pass with these coefficients.
@@ -211,9 +213,9 @@ def grain_value_and_grad(
   Raises:
     ValueError: for ``num_groups < 1``, an unknown solver,
       ``solver_options`` with a flat solver keyword that differs from its
-      default, a batch argument
-      that is also differentiated, or (when called) a batch size that
-      ``num_groups`` does not divide.
+      default, a batch argument that is also differentiated, or (when
+      called) a batch size that ``num_groups`` does not divide or a
+      ``split_sums`` other than ``'auto'``, True or False.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
