@@ -2,7 +2,7 @@
 
 Compiles (does not run) one data-parallel step of an MLP for each form of
 GRAIN on many devices and reads the collectives from the optimised HLO with
-``grain_optax.collective_bytes``:
+``grain_optax.testing.collective_bytes``:
 
 * ``jit-auto``: jax.jit, batch sharded over ``data`` (Auto axes),
   ``grain(axis_name='data')``; baseline ``jax.grad`` (XLA all-reduce);
@@ -58,6 +58,7 @@ from jax.sharding import PartitionSpec as P
 import optax
 
 import grain_optax
+from grain_optax.testing import collective_bytes
 
 D = ARGS.devices
 IN, OUT = 512, 10
@@ -103,7 +104,7 @@ def batch_of(batch_size, sharding):
 
 
 def cost(fn, *args):
-  return grain_optax.collective_bytes(jax.jit(fn).lower(*args).compile())
+  return collective_bytes(jax.jit(fn).lower(*args).compile())
 
 
 def fsdp_spec(shape):
@@ -194,7 +195,7 @@ def forms(k):
                      out_specs=specs)
   with jax.set_mesh(mesh):
     mean = cost(rs, groups)
-    grain = grain_optax.collective_bytes(jax.jit(
+    grain = collective_bytes(jax.jit(
         lambda g: tx.update(g, tx.init(None))[0],
         out_shardings=shardings).lower(groups).compile())
   # The mean sums a device's k groups before its reduce-scatter; GRAIN's

@@ -7,8 +7,8 @@ GRAIN at k groups per device (m = kD), and prints per D and form:
 * ``ms``: median time per step (AdamW included), and its ratio to the mean's
   step of the same form;
 * ``MB sent``: bytes one device sends per step, read from the compiled HLO
-  with ``grain_optax.collective_bytes`` (bandwidth-optimal algorithms), and
-  the ratio to the mean's;
+  with ``grain_optax.testing.collective_bytes`` (bandwidth-optimal
+  algorithms), and the ratio to the mean's;
 * ``err``: after ``--check-steps`` steps from the same start, the distance
   of the weights from a one-device run of the same step (the mean, or GRAIN
   with the same groups) on the same global batches (L2, relative to that
@@ -104,6 +104,7 @@ import optax  # pylint: disable=g-import-not-at-top
 import _gpt  # pylint: disable=g-import-not-at-top
 
 import grain_optax  # pylint: disable=g-import-not-at-top
+from grain_optax.testing import collective_bytes  # pylint: disable=g-import-not-at-top
 
 
 def _variant_options(variant):
@@ -266,7 +267,7 @@ def run_form(form, n, args, cfg, loss_fn, params0):
       start = time.perf_counter()
       compiled = step.lower(params, opt_state, batch).compile()
       compile_s = time.perf_counter() - start
-      sent = grain_optax.collective_bytes(compiled)['total'].sent_bytes
+      sent = collective_bytes(compiled)['total'].sent_bytes
       if args.list_collectives:
         for line in compiled.as_text().splitlines():
           found = _COLLECTIVE.match(line)

@@ -28,6 +28,7 @@ _xla_flags.use_fast_compile_flags()
 
 import jax  # noqa: E402
 import grain_optax  # noqa: E402  (after the path is set)
+import grain_optax.testing  # noqa: E402
 
 # The scaling-out guide runs GRAIN over 4 simulated CPU devices.
 jax.config.update('jax_num_cpu_devices', 4)
@@ -97,17 +98,18 @@ _logger = logging.getLogger('grain_optax.docs')
 def _check_api_reference(app, env):
   """Warns (an error under -W) if a public name is not in the API reference.
 
-  Every name in ``grain_optax.__all__`` must be documented as a Python object
-  ``grain_optax.<name>`` somewhere in the docs (``docs/api.md``).
+  Every name in ``grain_optax.__all__`` and ``grain_optax.testing.__all__``
+  must be documented as a Python object ``<module>.<name>`` somewhere in the
+  docs (``docs/api.md``).
   """
   del app
   documented = set(env.get_domain('py').objects)
-  missing = [name for name in grain_optax.__all__
-             if f'grain_optax.{name}' not in documented]
-  for name in missing:
-    _logger.warning(
-        'public name grain_optax.%s (in grain_optax.__all__) is missing from '
-        'the API reference: add it to docs/api.md', name)
+  for module in (grain_optax, grain_optax.testing):
+    for name in module.__all__:
+      if f'{module.__name__}.{name}' not in documented:
+        _logger.warning(
+            'public name %s.%s (in its __all__) is missing from the API '
+            'reference: add it to docs/api.md', module.__name__, name)
 
 
 _RELATIVE_LINK = re.compile(r'\]\((?!https?:|mailto:|#)([^)\s]+)\)')

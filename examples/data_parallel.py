@@ -76,6 +76,7 @@ from sklearn.datasets import load_digits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grain_optax  # pylint: disable=g-import-not-at-top
+from grain_optax.testing import collective_bytes  # pylint: disable=g-import-not-at-top
 
 
 def load_data(seed):
@@ -192,7 +193,7 @@ def main(args):
       opt_state = jax.device_put(tx.init(params), replicated)
       first = global_batch(rng.choice(len(y_train), batch_size, replace=False))
       compiled = step.lower(params, opt_state, first).compile()
-      sent = grain_optax.collective_bytes(compiled)['total'].sent_bytes
+      sent = collective_bytes(compiled)['total'].sent_bytes
       start = time.time()
       for _ in range(args.steps):
         idx = rng.choice(len(y_train), batch_size, replace=False)

@@ -9,8 +9,6 @@ References:
 """
 
 from grain_optax._src.accumulate import accumulate
-from grain_optax._src.collectives import collective_bytes
-from grain_optax._src.collectives import CollectiveCost
 from grain_optax._src.combine import combine
 from grain_optax._src.gram import gram_matrix
 from grain_optax._src.grouping import group_value_and_grad
@@ -36,8 +34,6 @@ __version__ = '0.1.0'
 __all__ = (
     'accumulate',
     'AccumulateState',
-    'collective_bytes',
-    'CollectiveCost',
     'combine',
     'grain',
     'grain_statistics',

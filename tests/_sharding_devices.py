@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import grain_optax
+from grain_optax.testing import collective_bytes
 
 D = 8
 SIZES = (128, 512, 256, 10)  # 200,970 parameters
@@ -81,7 +82,7 @@ def shards_identical(arr):
 
 
 def sent(compiled):
-  return grain_optax.collective_bytes(compiled)['total'].sent_bytes
+  return collective_bytes(compiled)['total'].sent_bytes
 
 
 def case_jit():
@@ -112,7 +113,7 @@ def case_jit():
         b = jax.device_put(batch, NamedSharding(mesh, P('data')))
         compiled = jax.jit(step).lower(p, b).compile()
         d, state = compiled(p, b)
-        counts = grain_optax.collective_bytes(compiled)
+        counts = collective_bytes(compiled)
         grain_bytes = counts['total'].sent_bytes
         mean_bytes = sent(jax.jit(mean_step).lower(p, b).compile())
       assert max_err(d, d_ref) < 1e-5, max_err(d, d_ref)
@@ -335,7 +336,7 @@ def case_fsdp():
                           {n: NamedSharding(mesh, s) for n, s in spec.items()})
       f = jax.jit(tx.update)
       d, state = f(gs, tx.init(ps), ps)
-      cost = grain_optax.collective_bytes(f.lower(gs, tx.init(ps), ps).compile())
+      cost = collective_bytes(f.lower(gs, tx.init(ps), ps).compile())
     assert max_err(d, d_ref) < 1e-5
     assert shards_identical(state.weights)
     assert d['w'].sharding.spec == P(None, 'model'), d['w'].sharding
@@ -383,8 +384,7 @@ def case_fsdp():
                           {n: NamedSharding(mesh, s) for n, s in spec.items()})
       f = jax.jit(txf.update)
       d, state = f(gs, txf.init(ps), ps)
-      cost = grain_optax.collective_bytes(
-          f.lower(gs, txf.init(ps), ps).compile())
+      cost = collective_bytes(f.lower(gs, txf.init(ps), ps).compile())
     assert max_err(d, d_ref) < 1e-5
     assert shards_identical(state.weights)
     assert d['w'].sharding.spec == P(None, 'data'), d['w'].sharding
@@ -418,7 +418,7 @@ def case_fsdp():
   assert all(r.tobytes() == per_device[0].tobytes() for r in per_device)
   assert max_err(d, d4_ref) < 1e-5, max_err(d, d4_ref)
   assert max_err(per_device[0], s4_ref.weights) < 1e-5
-  cost = grain_optax.collective_bytes(compiled)
+  cost = collective_bytes(compiled)
   # Each device holds half of the params; the mean would all-reduce that
   # half over the 4 devices of 'data': 2 * 3/4 * 4 bytes * P/2.
   allreduce_blocks = 2 * (3 / 4) * 4 * (n_params / 2)
@@ -457,7 +457,7 @@ def case_fsdp():
   per_device = np.asarray(per_device)
   assert all(r.tobytes() == per_device[0].tobytes() for r in per_device)
   assert max_err(d, d_ref) < 1e-5, max_err(d, d_ref)
-  cost = grain_optax.collective_bytes(compiled)
+  cost = collective_bytes(compiled)
   assert cost['total'].count == cost['all-reduce'].count, cost
   out['param_axis_bytes'] = cost['total'].sent_bytes
   return out

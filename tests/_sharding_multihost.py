@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 import grain_optax
+from grain_optax.testing import collective_bytes
 
 SIZES = (64, 256, 10)
 BATCH = 32
@@ -131,9 +132,9 @@ def main():
 
   with jax.set_mesh(mesh):
     batch = global_batch(0)
-    grain_bytes = grain_optax.collective_bytes(
+    grain_bytes = collective_bytes(
         step.lower(p, s, batch).compile())['total'].sent_bytes
-    mean_bytes = grain_optax.collective_bytes(
+    mean_bytes = collective_bytes(
         jax.jit(mean_step).lower(p, batch).compile())['total'].sent_bytes
   weights = s[0].weights
   shard_bytes = [np.asarray(x.data).tobytes().hex()

@@ -21,6 +21,7 @@ import optax
 import pytest
 
 import grain_optax
+from grain_optax.testing import collective_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -333,7 +334,7 @@ ENTRY %main {
 
 
 def test_collective_bytes_parses_group_formats_and_async_pairs():
-  c = grain_optax.collective_bytes(_HLO)
+  c = collective_bytes(_HLO)
   # Groups of 4; and 'axis_2'=4 with device_ids between mesh and axes.
   assert c['all-reduce'] == (2, 4064, 2 * 3 / 4 * 4064)
   assert c['all-gather'] == (1, 500, 7 * 500)                # groups of 8
@@ -345,9 +346,17 @@ def test_collective_bytes_parses_group_formats_and_async_pairs():
       6096 + 3500 + 1500 + 3500 + 500)
 
 
+def test_collective_bytes_lives_in_grain_optax_testing_only():
+  import grain_optax.testing  # pylint: disable=g-import-not-at-top
+  assert grain_optax.testing.collective_bytes is collective_bytes
+  assert set(grain_optax.testing.__all__) == {
+      'collective_bytes', 'COLLECTIVE_KINDS', 'CollectiveCost'}
+  assert not set(grain_optax.testing.__all__) & set(grain_optax.__all__)
+
+
 def test_collective_bytes_of_a_real_program_without_collectives():
   compiled = jax.jit(lambda x: jnp.sin(x) @ x.T).lower(jnp.ones((4, 4))).compile()
-  assert grain_optax.collective_bytes(compiled)['total'].count == 0
+  assert collective_bytes(compiled)['total'].count == 0
 
 
 def test_communication_dtype_rounds_what_moves():

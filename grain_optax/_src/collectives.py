@@ -2,7 +2,8 @@
 
 :func:`collective_bytes` reads the post-optimisation HLO, to check on the
 machine at hand what :func:`min_norm_point` (or any step) moves between
-devices.
+devices. A measurement tool, not part of GRAIN: public as
+``grain_optax.testing``, not in the top-level ``grain_optax`` namespace.
 """
 
 import math
@@ -93,9 +94,9 @@ def collective_bytes(compiled: Any, *,
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> import grain_optax
+    >>> from grain_optax.testing import collective_bytes
     >>> c = jax.jit(lambda x: 2 * x).lower(jnp.ones(8)).compile()
-    >>> grain_optax.collective_bytes(c)['total']
+    >>> collective_bytes(c)['total']
     CollectiveCost(count=0, operand_bytes=0, sent_bytes=0.0)
   """
   text = compiled if isinstance(compiled, str) else compiled.as_text()
