@@ -421,6 +421,31 @@ def union_ns(intervals) -> float:
   return busy
 
 
+def describe_kernels(hlo_text: str, names) -> dict:
+  """Where profiled kernels come from: ``{kernel: 'shape  op_name'}``.
+
+  A GPU profile names a fusion's kernel after its HLO instruction with ``_``
+  for ``.`` (``gemm_fusion_dot_320`` for ``%gemm_fusion_dot.320``). For each
+  name found in ``hlo_text`` (a compiled program's ``as_text()``) this gives
+  the instruction's result shape and the JAX operation it was lowered from
+  (its ``op_name`` metadata: the name stack, e.g. ``transpose(jvp(...))``).
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  found = {}
+  for name in names:
+    candidates = {name}
+    head, sep, tail = name.rpartition('_')
+    if sep and tail.isdigit():
+      candidates.add(f'{head}.{tail}')
+    for cand in candidates:
+      m = re.search(r'%' + re.escape(cand) + r' = (\S+) .*?op_name="([^"]*)"',
+                    hlo_text)
+      if m:
+        found[name] = f'{m.group(1)}  {m.group(2)}'
+        break
+  return found
+
+
 def profile_device(run, *, steps: int = 3):
   """Device-side profile of ``steps`` calls of ``run()`` (blocking each).
 

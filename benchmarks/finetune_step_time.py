@@ -102,6 +102,9 @@ def finish_row(config, args):
       return out
 
     profile = _gpt.profile_device(run, steps=5)
+    profile['top_kernel_sources'] = _gpt.describe_kernels(
+        compiled.as_text(),
+        [k for k, _ in (profile.get('top_kernels_ms') or [])[:25]])
   row = dict(config['row'])
   feeds = {f: t for f, t in config['per_step'].items() if t}
   row.update(
@@ -109,6 +112,7 @@ def finish_row(config, args):
       device_kernels=profile.get('kernels'),
       device_category_ms=profile.get('category_ms'),
       device_top_kernels_ms=(profile.get('top_kernels_ms') or [])[:25],
+      device_top_kernel_sources=profile.get('top_kernel_sources'),
       ms_per_step=statistics.median(feeds[args.feed[0]]),
       ms_per_step_repeats=feeds[args.feed[0]],
       ms_per_step_by_feed={f: statistics.median(t) for f, t in feeds.items()},
