@@ -257,10 +257,14 @@ def main():
   ratios = {}
   for k in ARGS.k:
     for name, mean, grain, model in forms(k):
-      ratio = grain['total'].sent_bytes / mean['total'].sent_bytes
-      ratios[f'{name}/k={k}'] = round(ratio, 6)
+      # A form whose mean step sends nothing (on 2 devices the partitioner
+      # may keep every operand local) has no ratio: None in the JSON.
+      sent = mean['total'].sent_bytes
+      ratio = grain['total'].sent_bytes / sent if sent else None
+      ratios[f'{name}/k={k}'] = None if ratio is None else round(ratio, 6)
+      shown = f'{ratio:>8.5f}' if ratio is not None else f"{'-':>8}"
       print(f'{name:<16}{k:>3}  {mean["total"].sent_bytes:>16,.0f}  '
-            f'{grain["total"].sent_bytes:>16,.0f}  {ratio:>8.5f}  '
+            f'{grain["total"].sent_bytes:>16,.0f}  {shown}  '
             f'{model:>7.1f}  {summary(grain)}  |  {summary(mean)}')
   print(json.dumps({'benchmark': 'collectives', 'devices': D,
                     'params': p, 'jax': jax.__version__,
