@@ -81,6 +81,7 @@ def main(argv=None):
   p.add_argument('--steps', type=int, default=30)
   p.add_argument('--label', default='')
   p.add_argument('--keep-unused', action='store_true')
+  p.add_argument('--metrics-in-state', action='store_true')
   p.add_argument('--json', default=None)
   p.add_argument('--tiny', action='store_true')
   args = p.parse_args(argv)
@@ -119,6 +120,7 @@ def main(argv=None):
       'benchmark': 'command_buffers', 'label': args.label, 'mode': args.mode,
       'method': args.method, 'groups': args.groups, 'dtype': args.dtype,
       'keep_unused': args.keep_unused,
+      'metrics_in_state': args.metrics_in_state,
       'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
       'outputs': len(leaves), 'aliased': len(aliased),
       'unaliased': unaliased,

@@ -45,7 +45,8 @@ def build_config(*, mode, batch, seq, method, groups, args):
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=method, groups=groups,
       flat=not args.nnx_state, keep_unused=args.keep_unused,
-      stats_in_metrics=args.stats == 'metrics')
+      stats_in_metrics=args.stats == 'metrics',
+      metrics_in_state=args.metrics_in_state)
   rng = np.random.default_rng(0)
   # Token ids past the special tokens, every position a real token. A pool
   # of distinct device batches for --feed stream (a training loop's batch
@@ -69,6 +70,7 @@ def build_config(*, mode, batch, seq, method, groups, args):
           'method': method, 'groups': groups if method != 'mean' else 1,
           'dtype': args.dtype, 'layers': args.layers or 6,
           'keep_unused': args.keep_unused, 'stats': args.stats,
+          'metrics_in_state': args.metrics_in_state,
           'trainable_params': finetune_text.minilm.count_params(
               model, model.trainable()),
           'compile_s': compile_s,
@@ -117,7 +119,9 @@ def finish_row(config, args):
       ms_per_step_repeats=feeds[args.feed[0]],
       ms_per_step_by_feed={f: statistics.median(t) for f, t in feeds.items()},
       ms_repeats_by_feed=feeds,
-      loss=float(config['metrics']['loss']))
+      loss=float(config['state'][-len(finetune_text.metric_names(
+          row['method'], args.stats == 'metrics'))]
+                 if args.metrics_in_state else config['metrics']['loss']))
   return row
 
 
@@ -149,6 +153,9 @@ def main(argv=None):
   p.add_argument('--stats', choices=('metrics', 'state'), default='metrics',
                  help="GRAIN's logged cosines as outputs of the step "
                  "('metrics') or read from the donated state ('state')")
+  p.add_argument('--metrics-in-state', action='store_true',
+                 help='the metrics travel in the donated state (every output '
+                 'of the step aliased to a donated input)')
   p.add_argument('--feed', default='fixed',
                  help="'fixed' (one device batch for every step), 'stream' "
                  "(4 device batches in turn, as a training loop feeds new "

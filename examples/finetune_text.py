@@ -92,7 +92,8 @@ def make_optimizer(model, *, method, groups, accumulate, lr, total_steps,
 
 
 def make_train_step(model, optimizer, *, method, groups, donate=None,
-                    flat=True, keep_unused=False, stats_in_metrics=True):
+                    flat=True, keep_unused=False, stats_in_metrics=True,
+                    metrics_in_state=False):
   """A jitted functional step ``(state, batch) -> (state, metrics)``.
 
   Returns ``(step, state, to_nnx)``. With ``flat=True`` (the fast pattern
@@ -113,7 +114,17 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
   ``grain_optax.grain_statistics(to_nnx(state))`` reads them; the step then
   has no output that the mean's step lacks (see
   ``docs/guides/performance.md``, "Short steps are bound by the host").
+
+  With ``metrics_in_state=True`` (needs ``flat=True``) the metrics travel in
+  the donated state instead: ``state[-len(names):]`` holds them, in the order
+  of :func:`metric_names`, and ``metrics`` is an empty dict. Every output of
+  the step is then aliased to a donated input, so no output lands in a fresh
+  buffer on each call (a moved buffer makes XLA re-record the step's CUDA
+  graph on a GPU; see ``benchmarks/command_buffers.py``).
   """
+  if metrics_in_state and not flat:
+    raise ValueError('metrics_in_state=True needs flat=True')
+  names = metric_names(method, stats_in_metrics)
   wrt = model.trainable()
   grouped = method in ('grain', 'monitor')
   if grouped:
@@ -124,6 +135,8 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
   leaves, treedef = jax.tree_util.tree_flatten(state)
 
   def step(state, batch):
+    if metrics_in_state:
+      state = state[:len(leaves)]
     if flat:
       state = jax.tree_util.tree_unflatten(treedef, state)
     model, optimizer = nnx.merge(graphdef, state)
@@ -140,15 +153,31 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
     state = nnx.state((model, optimizer))
     if flat:
       state = jax.tree_util.tree_leaves(state)
+    if metrics_in_state:
+      return state + [metrics[n].astype(jnp.float32) for n in names], {}
     return state, metrics
 
   if donate is None:
     donate = jax.default_backend() != 'cpu'
-  to_nnx = ((lambda s: jax.tree_util.tree_unflatten(treedef, s)) if flat
-            else (lambda s: s))
+  to_nnx = ((lambda s: jax.tree_util.tree_unflatten(treedef,
+                                                     s[:len(leaves)]))
+            if flat else (lambda s: s))
+  initial = leaves if flat else state
+  if metrics_in_state:
+    initial = leaves + [jnp.zeros((), jnp.float32) for _ in names]
+  # The step never reads the carried metrics, so jit would prune them as
+  # unused inputs, and an input that is not there is not donated or aliased:
+  # keep_unused keeps them.
   return (jax.jit(step, donate_argnums=(0,) if donate else (),
-                  keep_unused=keep_unused),
-          leaves if flat else state, to_nnx)
+                  keep_unused=keep_unused or metrics_in_state),
+          initial, to_nnx)
+
+
+def metric_names(method, stats_in_metrics=True):
+  """The names of ``make_train_step``'s metrics, in their order."""
+  if method in ('grain', 'monitor') and stats_in_metrics:
+    return ['loss', 'cos', 'cos_mean']
+  return ['loss']
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -94,3 +94,39 @@ def test_finetune_text_tiny_runs_end_to_end(extra, capsys, cheap_compilation):
     assert result['backbone_unchanged']
     assert result['checkpoint_identical']
     assert result['restored_test_accuracy'] == result['test_accuracy']
+
+
+@pytest.mark.parametrize('method', ['mean', 'grain'])
+def test_train_step_with_metrics_in_the_state_aliases_every_output(
+    method, cheap_compilation):
+  # The fast pattern for short GPU steps (docs/guides/performance.md): with
+  # the metrics carried in the donated state, every output of the jitted step
+  # reuses a donated input's buffer, and the step computes what the default
+  # step computes.
+  del cheap_compilation
+  import jax  # pylint: disable=g-import-not-at-top
+  finetune = load_example('finetune_text')
+  batch = {'input_ids': np.full((4, 8), 1000, np.int32),
+           'attention_mask': np.ones((4, 8), np.int32),
+           'labels': np.arange(4, dtype=np.int32) % 5}
+  losses = []
+  for carried in (False, True):
+    model = finetune.build_model(5, lora_rank=4, seed=0, num_layers=1)
+    optimizer = finetune.make_optimizer(
+        model, method=method, groups=2, accumulate=1, lr=1e-3, total_steps=10)
+    step, state, to_nnx = finetune.make_train_step(
+        model, optimizer, method=method, groups=2, donate=True,
+        metrics_in_state=carried)
+    main = next(line for line in
+                step.lower(state, batch).as_text().splitlines()
+                if 'func.func public @main' in line)
+    outputs = len(jax.tree_util.tree_leaves(jax.eval_shape(step, state,
+                                                           batch)))
+    if carried:
+      assert main.count('tf.aliasing_output') == outputs
+    state, metrics = step(state, batch)
+    names = finetune.metric_names(method)
+    losses.append(float(state[-len(names)]) if carried
+                  else float(metrics['loss']))
+    assert to_nnx(state) is not None
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
