@@ -21,6 +21,14 @@ For the MiniLM step of ``finetune_step_time.py`` this script reports:
     python benchmarks/command_buffers.py --mode lora --method grain --groups 4
     python benchmarks/command_buffers.py --tiny      # CPU smoke run
 
+``--lowered-for cuda`` runs nothing: it lowers the donating step for that
+platform (possible on a CPU-only machine) and reports, from the lowered
+module's ``main``, how many inputs it takes, how many of its outputs alias a
+donated input, and the floating-point work of its dot products
+(2 · contracted size · output size, summed over ``dot_general``)::
+
+    python benchmarks/command_buffers.py --lowered-for cuda --method grain
+
 Prints a table and one JSON line (``--json`` appends it to a file too).
 """
 
@@ -57,6 +65,38 @@ def aliased_outputs(hlo_text: str) -> set:
   return {int(k) for k in re.findall(r'\{(\d+)\}\s*:\s*\(', block)}
 
 
+def _dims(tensor_type: str) -> list:
+  m = re.match(r'tensor<([0-9x]*)(\w+)>', tensor_type)
+  return [int(d) for d in m.group(1).split('x') if d] if m else []
+
+
+def lowered_counts(stablehlo_text: str) -> dict:
+  """Inputs, aliased outputs and dot FLOPs of a lowered (StableHLO) module."""
+  main = next(line for line in stablehlo_text.splitlines()
+              if 'func.func public @main' in line)
+  inputs, outputs = main.split('->', 1)
+  flops = 0
+  for line in stablehlo_text.splitlines():
+    if 'stablehlo.dot_general' not in line:
+      continue
+    types = re.findall(r'tensor<[^>]*>', line.rsplit(' : ', 1)[-1])
+    if len(types) < 3:
+      continue
+    lhs, out = _dims(types[0]), _dims(types[-1])
+    contracted = re.search(r'contracting_dims = \[([0-9, ]*)\] x', line)
+    k = 1
+    if contracted and contracted.group(1).strip():
+      for i in contracted.group(1).split(','):
+        k *= lhs[int(i)]
+    size = 1
+    for d in out:
+      size *= d
+    flops += 2 * k * size
+  return {'inputs': inputs.count('%arg'),
+          'aliased': main.count('tf.aliasing_output'),
+          'outputs': outputs.count('tensor<'), 'dot_gflop': flops / 1e9}
+
+
 def addresses(tree):
   out = []
   for x in jax.tree_util.tree_leaves(tree):
@@ -84,10 +124,35 @@ def main(argv=None):
   p.add_argument('--metrics-in-state', action='store_true')
   p.add_argument('--json', default=None)
   p.add_argument('--tiny', action='store_true')
+  p.add_argument('--lowered-for', default=None, metavar='PLATFORM',
+                 help='lower the donating step for PLATFORM (e.g. cuda) and '
+                      'report its aliasing and dot FLOPs; runs nothing')
   args = p.parse_args(argv)
   args.nnx_state = False
   if args.tiny:
     args.batch, args.seq, args.layers, args.groups, args.steps = 4, 16, 1, 2, 3
+  if args.lowered_for:
+    args.donate = True
+    step, state, data = host_profile.build(args)
+    text = step.trace(state, data).lower(
+        lowering_platforms=(args.lowered_for,)).as_text()
+    row = {'benchmark': 'command_buffers', 'lowered_for': args.lowered_for,
+           'label': args.label, 'mode': args.mode, 'method': args.method,
+           'groups': args.groups, 'dtype': args.dtype, 'batch': args.batch,
+           'seq': args.seq, 'jax': jax.__version__,
+           'state_leaves': len(jax.tree_util.tree_leaves(state)),
+           'data_inputs': len(jax.tree_util.tree_leaves(data)),
+           **lowered_counts(text)}
+    print(f"{args.mode} {args.method} m={args.groups} lowered for "
+          f"{args.lowered_for}: state leaves {row['state_leaves']}, inputs "
+          f"{row['inputs']} (data {row['data_inputs']}), outputs "
+          f"{row['outputs']}, aliased {row['aliased']}, dots "
+          f"{row['dot_gflop']:.1f} GFLOP")
+    print(json.dumps(row))
+    if args.json:
+      with open(args.json, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    return row
   step, state, data = host_profile.build(args)
   compiled = step.lower(state, data).compile()
   hlo = compiled.as_text()

@@ -46,7 +46,8 @@ def build(args):
       total_steps=10_000)
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=args.method, groups=args.groups,
-      flat=not args.nnx_state, keep_unused=getattr(args, 'keep_unused', False),
+      flat=not args.nnx_state, donate=getattr(args, 'donate', None),
+      keep_unused=getattr(args, 'keep_unused', False),
       metrics_in_state=getattr(args, 'metrics_in_state', False))
   rng = np.random.default_rng(0)
   data = {
