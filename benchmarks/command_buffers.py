@@ -33,12 +33,10 @@ Prints a table and one JSON line (``--json`` appends it to a file too).
 """
 
 import argparse
-import json
 import pathlib
 import re
 import statistics
 import sys
-import time
 
 import jax
 
@@ -109,21 +107,7 @@ def addresses(tree):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--mode', choices=('full', 'lora'), default='lora')
-  p.add_argument('--method', choices=('mean', 'grain', 'monitor'),
-                 default='grain')
-  p.add_argument('--groups', type=int, default=4)
-  p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--seq', type=int, default=128)
-  p.add_argument('--lora-rank', type=int, default=8)
-  p.add_argument('--layers', type=int, default=None)
-  p.add_argument('--dtype', default='bfloat16')
-  p.add_argument('--steps', type=int, default=30)
-  p.add_argument('--label', default='')
-  p.add_argument('--keep-unused', action='store_true')
-  p.add_argument('--metrics-in-state', action='store_true')
-  p.add_argument('--json', default=None)
-  p.add_argument('--tiny', action='store_true')
+  host_profile.add_step_arguments(p)
   p.add_argument('--lowered-for', default=None, metavar='PLATFORM',
                  help='lower the donating step for PLATFORM (e.g. cuda) and '
                       'report its aliasing and dot FLOPs; runs nothing')
@@ -131,27 +115,23 @@ def main(argv=None):
   args.nnx_state = False
   if args.tiny:
     args.batch, args.seq, args.layers, args.groups, args.steps = 4, 16, 1, 2, 3
+  row = {'benchmark': 'command_buffers', 'label': args.label,
+         'mode': args.mode, 'method': args.method, 'groups': args.groups,
+         'dtype': args.dtype, 'jax': jax.__version__}
   if args.lowered_for:
-    args.donate = True
-    step, state, data = host_profile.build(args)
+    step, state, data = host_profile.build(args, donate=True)
     text = step.trace(state, data).lower(
         lowering_platforms=(args.lowered_for,)).as_text()
-    row = {'benchmark': 'command_buffers', 'lowered_for': args.lowered_for,
-           'label': args.label, 'mode': args.mode, 'method': args.method,
-           'groups': args.groups, 'dtype': args.dtype, 'batch': args.batch,
-           'seq': args.seq, 'jax': jax.__version__,
-           'state_leaves': len(jax.tree_util.tree_leaves(state)),
-           'data_inputs': len(jax.tree_util.tree_leaves(data)),
-           **lowered_counts(text)}
+    row.update(lowered_for=args.lowered_for, batch=args.batch, seq=args.seq,
+               state_leaves=len(jax.tree_util.tree_leaves(state)),
+               data_inputs=len(jax.tree_util.tree_leaves(data)),
+               **lowered_counts(text))
     print(f"{args.mode} {args.method} m={args.groups} lowered for "
           f"{args.lowered_for}: state leaves {row['state_leaves']}, inputs "
           f"{row['inputs']} (data {row['data_inputs']}), outputs "
           f"{row['outputs']}, aliased {row['aliased']}, dots "
           f"{row['dot_gflop']:.1f} GFLOP")
-    print(json.dumps(row))
-    if args.json:
-      with open(args.json, 'a') as f:
-        f.write(json.dumps(row) + '\n')
+    host_profile.emit(row, args.json)
     return row
   step, state, data = host_profile.build(args)
   compiled = step.lower(state, data).compile()
@@ -160,10 +140,13 @@ def main(argv=None):
   paths = [jax.tree_util.keystr(k) for k, _ in
            jax.tree_util.tree_flatten_with_path(out_shape)[0]]
   leaves = jax.tree_util.tree_leaves(out_shape)
+
+  def described(i):
+    return {'index': i, 'path': paths[i], 'shape': list(leaves[i].shape),
+            'dtype': str(leaves[i].dtype)}
+
   aliased = aliased_outputs(hlo)
-  unaliased = [{'index': i, 'path': paths[i], 'shape': list(x.shape),
-                'dtype': str(x.dtype)}
-               for i, x in enumerate(leaves) if i not in aliased]
+  unaliased = [described(i) for i in range(len(leaves)) if i not in aliased]
   for _ in range(3):
     state, metrics = compiled(state, data)
   jax.block_until_ready((state, metrics))
@@ -174,26 +157,14 @@ def main(argv=None):
     history.append(addresses((state, metrics)))
   moving = [i for i in range(len(leaves))
             if len({h[i] for h in history}) > 1]
-  times = []
-  for _ in range(3):
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      state, metrics = compiled(state, data)
-    jax.block_until_ready((state, metrics))
-    times.append((time.perf_counter() - start) / args.steps * 1e3)
-  row = {
-      'benchmark': 'command_buffers', 'label': args.label, 'mode': args.mode,
-      'method': args.method, 'groups': args.groups, 'dtype': args.dtype,
-      'keep_unused': args.keep_unused,
-      'metrics_in_state': args.metrics_in_state,
-      'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
-      'outputs': len(leaves), 'aliased': len(aliased),
-      'unaliased': unaliased,
-      'moving': [{'index': i, 'path': paths[i],
-                  'shape': list(leaves[i].shape),
-                  'dtype': str(leaves[i].dtype)} for i in moving],
-      'ms_per_step': statistics.median(times), 'ms_repeats': times,
-  }
+  state, metrics, times = host_profile.time_steps(
+      compiled, state, data, steps=args.steps, repeats=3)
+  row.update(
+      keep_unused=args.keep_unused, metrics_in_state=args.metrics_in_state,
+      device=str(jax.devices()[0].device_kind), outputs=len(leaves),
+      aliased=len(aliased), unaliased=unaliased,
+      moving=[described(i) for i in moving],
+      ms_per_step=statistics.median(times), ms_repeats=times)
   print(f"{args.label} {args.mode} {args.method} m={args.groups}: "
         f"{row['ms_per_step']:.2f} ms/step, outputs {len(leaves)}, aliased "
         f"{len(aliased)}, moving {len(moving)}")
@@ -203,10 +174,7 @@ def main(argv=None):
   for u in row['moving']:
     print(f"   moves:       #{u['index']} {u['path']} {u['shape']} "
           f"{u['dtype']}")
-  print(json.dumps(row))
-  if args.json:
-    with open(args.json, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+  host_profile.emit(row, args.json)
   return row
 
 

@@ -36,7 +36,39 @@ import _gpt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import finetune_text  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def build(args):
+def add_step_arguments(p):
+  """The options of the step that :func:`build` makes, and the common ones.
+
+  Shared with ``command_buffers.py``, which builds the same step.
+  """
+  p.add_argument('--mode', choices=('full', 'lora'), default='lora')
+  p.add_argument('--method', choices=('mean', 'grain', 'monitor'),
+                 default='grain')
+  p.add_argument('--groups', type=int, default=4)
+  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--seq', type=int, default=128)
+  p.add_argument('--lora-rank', type=int, default=8)
+  p.add_argument('--layers', type=int, default=None)
+  p.add_argument('--dtype', choices=tuple(finetune_text.DTYPES),
+                 default='bfloat16')
+  p.add_argument('--steps', type=int, default=30)
+  p.add_argument('--label', default='')
+  p.add_argument('--keep-unused', action='store_true',
+                 help="jax.jit(keep_unused=True) for the step: the state's "
+                 'write-only leaves stay inputs, donated and aliased')
+  p.add_argument('--metrics-in-state', action='store_true',
+                 help='the metrics travel in the donated state (every output '
+                 'of the step aliased to a donated input)')
+  p.add_argument('--json', default=None,
+                 help='also append the JSON line to this file')
+  p.add_argument('--tiny', action='store_true', help='CPU smoke run')
+
+
+def build(args, *, donate=None):
+  """The jitted step, its initial state and one device batch, from ``args``.
+
+  ``donate``: as ``finetune_text.make_train_step``'s (None: on a GPU only).
+  """
   lora_rank = args.lora_rank if args.mode == 'lora' else 0
   model = finetune_text.build_model(
       5, lora_rank=lora_rank, seed=0,
@@ -46,9 +78,8 @@ def build(args):
       total_steps=10_000)
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=args.method, groups=args.groups,
-      flat=not args.nnx_state, donate=getattr(args, 'donate', None),
-      keep_unused=getattr(args, 'keep_unused', False),
-      metrics_in_state=getattr(args, 'metrics_in_state', False))
+      flat=not args.nnx_state, donate=donate, keep_unused=args.keep_unused,
+      metrics_in_state=args.metrics_in_state)
   rng = np.random.default_rng(0)
   data = {
       'input_ids': rng.integers(1000, 30000,
@@ -57,6 +88,30 @@ def build(args):
       'labels': rng.integers(0, 5, args.batch).astype(np.int32),
   }
   return step, state, jax.device_put(data)
+
+
+def time_steps(compiled, state, data, *, steps, repeats):
+  """Wall clock of ``repeats`` runs of ``steps`` calls, each to completion.
+
+  The step's state is fed back as a training loop does. Returns the last
+  ``(state, metrics)`` and the ms per step of each repeat.
+  """
+  per_step = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = compiled(state, data)
+    jax.block_until_ready((state, metrics))
+    per_step.append((time.perf_counter() - start) / steps * 1e3)
+  return state, metrics, per_step
+
+
+def emit(row, path=None):
+  """Prints ``row`` as a JSON line, and appends it to ``path`` if given."""
+  print(json.dumps(row))
+  if path:
+    with open(path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
 
 
 def summarize(trace_dir, steps):
@@ -105,24 +160,11 @@ def summarize(trace_dir, steps):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--mode', choices=('full', 'lora'), default='lora')
-  p.add_argument('--method', choices=('mean', 'grain', 'monitor'),
-                 default='grain')
-  p.add_argument('--groups', type=int, default=4)
-  p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--seq', type=int, default=128)
-  p.add_argument('--lora-rank', type=int, default=8)
-  p.add_argument('--layers', type=int, default=None)
-  p.add_argument('--dtype', choices=tuple(finetune_text.DTYPES),
-                 default='bfloat16')
-  p.add_argument('--steps', type=int, default=30)
+  add_step_arguments(p)
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--trace-steps', type=int, default=5)
-  p.add_argument('--label', default='')
   p.add_argument('--nnx-state', action='store_true',
                  help='pass the nnx.State (slow pattern), not flat arrays')
-  p.add_argument('--json', default=None)
-  p.add_argument('--tiny', action='store_true')
   args = p.parse_args(argv)
   if args.tiny:
     args.batch, args.seq, args.layers, args.groups = 4, 16, 1, 2
@@ -132,13 +174,8 @@ def main(argv=None):
   for _ in range(3):
     state, metrics = compiled(state, data)
   jax.block_until_ready((state, metrics))
-  per_step = []
-  for _ in range(args.repeats):
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      state, metrics = compiled(state, data)
-    jax.block_until_ready((state, metrics))
-    per_step.append((time.perf_counter() - start) / args.steps * 1e3)
+  state, metrics, per_step = time_steps(compiled, state, data,
+                                       steps=args.steps, repeats=args.repeats)
   # Host time of one call alone (dispatch, no waiting on the device).
   dispatch = []
   for _ in range(args.steps):
@@ -160,7 +197,8 @@ def main(argv=None):
       else 1, 'batch': args.batch, 'seq': args.seq, 'dtype': args.dtype,
       'device': str(jax.devices()[0].device_kind), 'jax': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'nnx_state': args.nnx_state,
+      'nnx_state': args.nnx_state, 'keep_unused': args.keep_unused,
+      'metrics_in_state': args.metrics_in_state,
       'env': {k: v for k, v in os.environ.items()
               if k.startswith('GRAIN_OPTAX')},
       'ms_per_step': statistics.median(per_step),
@@ -187,10 +225,7 @@ def main(argv=None):
     print(f"   {e['ms_per_step']:8.3f} ms {e['per_step']:7.1f}x  "
           f"{e['line'][:28]:<28} {e['name']}")
   row['host_events'] = prof.get('host_events', [])[:60]
-  print(json.dumps(row))
-  if args.json:
-    with open(args.json, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+  emit(row, args.json)
   return row
 
 

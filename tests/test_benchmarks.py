@@ -85,3 +85,16 @@ def test_host_profile_tiny(tmp_path):
   assert row['ms_per_step'] > 0 and row['dispatch_ms'] > 0
   assert row['input_leaves'] > 50   # the flat list of the state's arrays
   assert json.loads(out.read_text().splitlines()[-1])['label'] == ''
+
+
+def test_command_buffers_lowered_for_cuda_tiny(tmp_path):
+  # Lowered for a GPU on the CPU, nothing run: the donating step takes the
+  # state's leaves and the batch's, and every state leaf aliases an output.
+  out = tmp_path / 'cb.jsonl'
+  row = _module('command_buffers').main(
+      ['--tiny', '--lowered-for', 'cuda', '--method', 'grain', '--json',
+       str(out)])
+  assert row['inputs'] == row['state_leaves'] + row['data_inputs']
+  assert row['aliased'] == row['state_leaves'] > 50
+  assert row['dot_gflop'] > 0
+  assert json.loads(out.read_text().splitlines()[-1]) == row
