@@ -80,11 +80,11 @@ def build_config(*, mode, batch, seq, method, groups, args):
 
 def time_repeat(config, steps, feed):
   """One repeat: ``steps`` calls, ms per step (wall clock, to completion)."""
-  compiled, state, pool = config['compiled'], config['state'], config['pool']
+  compiled, state = config['compiled'], config['state']
+  batches = config['pool'][:1] if feed == 'fixed' else config['pool']
   start = time.perf_counter()
   for i in range(steps):
-    state, metrics = compiled(state, pool[0 if feed == 'fixed'
-                                          else i % len(pool)])
+    state, metrics = compiled(state, batches[i % len(batches)])
   jax.block_until_ready((state, metrics))
   config['state'], config['metrics'] = state, metrics
   return (time.perf_counter() - start) / steps * 1e3
