@@ -39,9 +39,10 @@ def report(paths: Sequence[str]):
     device = head[0].get('device', '?') if head else '?'
     title = (f'{suite} suite ({"CPU" if "cpu" in device.lower() else "GPU"} '
              f'results, {pathlib.Path(path).name})')
-    notes = pathlib.Path(path).with_suffix('.notes.md')
-    if notes.exists():
-      head = head + [{'notes': notes.read_text()}]
+    notes_path = pathlib.Path(path).with_suffix('.notes.md')
+    notes = ([{'notes': notes_path.read_text()}] if notes_path.exists()
+             else [])
+    head = head + notes
     if reg:
       reg_metas = [m for m in metas if m.get('stage') == 'regimes'] + [
           m for m in metas if m.get('kind') == 'run']
@@ -49,7 +50,7 @@ def report(paths: Sequence[str]):
       all_regimes[1].extend(reg_metas)
       regime_sections.append((f'Regimes study (issue 24): {suite} suite '
                               f'({pathlib.Path(path).name})', reg, reg_metas,
-                              head[1:] if notes.exists() else []))
+                              notes))
     if runs:
       sections.append((title, runs, head))
   fig = stats.figure(all_runs, str(png),

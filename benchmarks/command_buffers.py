@@ -33,6 +33,7 @@ Prints a table and one JSON line (``--json`` appends it to a file too).
 """
 
 import argparse
+import math
 import pathlib
 import re
 import statistics
@@ -82,14 +83,9 @@ def lowered_counts(stablehlo_text: str) -> dict:
       continue
     lhs, out = _dims(types[0]), _dims(types[-1])
     contracted = re.search(r'contracting_dims = \[([0-9, ]*)\] x', line)
-    k = 1
-    if contracted and contracted.group(1).strip():
-      for i in contracted.group(1).split(','):
-        k *= lhs[int(i)]
-    size = 1
-    for d in out:
-      size *= d
-    flops += 2 * k * size
+    axes = contracted.group(1).split(',') if contracted else []
+    k = math.prod(lhs[int(i)] for i in axes if i.strip())
+    flops += 2 * k * math.prod(out)
   return {'inputs': inputs.count('%arg'),
           'aliased': main.count('tf.aliasing_output'),
           'outputs': outputs.count('tensor<'), 'dot_gflop': flops / 1e9}
