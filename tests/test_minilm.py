@@ -75,10 +75,10 @@ def cheap_compilation():
 # fine-tuning with GRAIN; LoRA with GRAIN within and across 2 micro-batches
 # (accumulate), checkpointed with orbax and restored.
 @pytest.mark.parametrize('extra', [
-    ['--max-steps', '2'],
+    ['--max-steps', '2', '--optimizer', 'sgdm', '--noise', '0.5'],
     ['--lora-rank', '4', '--accumulate', '2', '--max-steps', '4',
      '--checkpoint-dir', 'tmp'],
-], ids=['full', 'lora-accumulate-checkpoint'])
+], ids=['full-sgdm-noisy', 'lora-accumulate-checkpoint'])
 def test_finetune_text_tiny_runs_end_to_end(extra, capsys, cheap_compilation):
   del cheap_compilation
   finetune = load_example('finetune_text')
@@ -89,6 +89,9 @@ def test_finetune_text_tiny_runs_end_to_end(extra, capsys, cheap_compilation):
   assert np.isfinite(result['final_loss'])
   assert 0.0 <= result['test_accuracy'] <= 1.0
   assert result['min_cosine'] >= -1e-5  # GRAIN: no group's loss rises
+  if '--noise' in extra:
+    assert result['flipped_labels'] == result['train_examples'] // 2
+    assert 'training labels flipped' in out and 'SGD+momentum' in out
   if '--lora-rank' in extra:
     assert result['trainable_params'] < 0.01 * result['params']
     assert result['backbone_unchanged']
@@ -130,3 +133,27 @@ def test_train_step_with_metrics_in_the_state_aliases_every_output(
                   else float(metrics['loss']))
     assert to_nnx(state) is not None
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize('num_classes', [2, 5])
+def test_flip_labels_flips_the_asked_fraction_to_other_classes(num_classes):
+  text_data = load_example('text_data')
+  labels = np.arange(40) % num_classes
+  before = prev = None
+  for fraction in (0.0, 0.2, 0.4, 1.0):
+    noisy, flipped = text_data.flip_labels(labels, num_classes, fraction,
+                                           seed=3)
+    assert flipped.sum() == round(fraction * 40)
+    np.testing.assert_array_equal(noisy != labels, flipped)  # never own class
+    assert noisy.min() >= 0 and noisy.max() < num_classes
+    if before is not None:  # a larger fraction flips a superset
+      assert np.all(flipped[before]) and np.all(noisy[before] == prev[before])
+    before, prev = flipped, noisy
+  np.testing.assert_array_equal(  # the seed alone decides
+      text_data.flip_labels(labels, num_classes, 0.4, seed=3)[0],
+      text_data.flip_labels(labels, num_classes, 0.4, seed=3)[0])
+  assert not np.array_equal(
+      text_data.flip_labels(labels, num_classes, 0.4, seed=3)[0],
+      text_data.flip_labels(labels, num_classes, 0.4, seed=4)[0])
+  with pytest.raises(ValueError, match='fraction'):
+    text_data.flip_labels(labels, num_classes, 1.5, seed=0)
