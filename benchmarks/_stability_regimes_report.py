@@ -24,6 +24,12 @@ import _stability_stats as stats  # pylint: disable=g-bad-import-order
 
 PROTOCOL_START = '<!-- regimes-protocol:start (hand-written; kept by --report) -->'
 PROTOCOL_END = '<!-- regimes-protocol:end -->'
+# Hand-written blocks a regenerated report keeps, in this order: the protocol
+# (fixed before the runs) and the findings (written after them, by the
+# protocol's rule).
+HAND_WRITTEN = ((PROTOCOL_START, PROTOCOL_END),
+                ('<!-- regimes-findings:start (hand-written; kept by --report) -->',
+                 '<!-- regimes-findings:end -->'))
 ARMS = ('mean', 'grain', 'mean@grain-norm', 'grain@mean-norm')
 # (label, base arm, other arm): paired differences other - base.
 CONTRASTS = (('grain − mean', 'mean', 'grain'),
@@ -33,11 +39,14 @@ Z_DETECT = 1.959964 + 0.841621    # two-sided 5 %, 80 % power
 
 
 def protocol_block(text: str) -> Optional[str]:
-  """The hand-written protocol section of an existing report, if any."""
-  i, j = text.find(PROTOCOL_START), text.find(PROTOCOL_END)
-  if i < 0 or j < i:
-    return None
-  return text[i:j + len(PROTOCOL_END)] + '\n'
+  """The hand-written sections of an existing report (the protocol, then the
+  findings), if any."""
+  blocks = []
+  for start, end in HAND_WRITTEN:
+    i, j = text.find(start), text.find(end)
+    if 0 <= i < j:
+      blocks.append(text[i:j + len(end)] + '\n')
+  return '\n'.join(blocks) or None
 
 
 def select(runs: List[dict], metas: List[dict]):

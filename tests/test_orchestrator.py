@@ -39,15 +39,24 @@ def test_solver_options_is_public():
   assert SolverOptions().solver == 'exact'
 
 
-def test_xla_backends_give_the_default_update_on_cpu():
+def test_xla_backends_give_the_default_update():
+  # On the CPU the default backends are XLA's: bitwise the same update. On a
+  # GPU the default Gram and exact solver are Pallas kernels, which sum in
+  # another order: the same update to float32 rounding (6e-8 apart at most
+  # on an H100).
   g = per_group()
   ref, ref_state = grain_update(grain_optax.grain(num_groups=4), g)
   options = SolverOptions(gram_backend='xla', exact_backend='xla')
   out, state = grain_update(
       grain_optax.grain(num_groups=4, solver_options=options), g)
+  on_cpu = jax.default_backend() == 'cpu'
   for a, b in zip(jax.tree_util.tree_leaves((ref, ref_state)),
                   jax.tree_util.tree_leaves((out, state))):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if on_cpu or not jnp.issubdtype(a.dtype, jnp.floating):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    else:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                 atol=1e-6)
 
 
 def test_solver_options_equal_the_flat_keywords_everywhere():

@@ -269,10 +269,13 @@ def test_tiny_regimes_stage_end_to_end(tmp_path):
   md = tmp_path / 'STABILITY.md'
   md.write_text('old\n<!-- regimes-protocol:start (hand-written; kept by '
                 '--report) -->\nPROTOCOL TEXT\n<!-- regimes-protocol:end -->'
-                '\nold tables\n')
+                '\nold tables\n<!-- regimes-findings:start (hand-written; kept '
+                'by --report) -->\nFINDINGS TEXT\n<!-- regimes-findings:end -->'
+                '\nmore old tables\n')
   stability.report([str(md), str(out)])
   text = md.read_text()
   assert 'PROTOCOL TEXT' in text and 'old tables' not in text
+  assert text.index('PROTOCOL TEXT') < text.index('FINDINGS TEXT')
   for heading in ('Regimes study (issue 24): sklearn suite',
                   '### digits: noise (metric: accuracy)',
                   '### digits: sources (metric: worst_source)',
