@@ -145,3 +145,44 @@ def test_is_grain_worth_it_quotes_stability_md():
   assert ('digits', 'full', 'sgdm/dropout', '3e-1', 'mean@grain-norm', '10',
           '1.59 [1.07, 2.59]', '0.111', '+0.0333 [-0.0043, +0.0767]') in rows
   assert '0.775 vs 0.741' in text and '+0.033 [-0.004, +0.077]' in text
+  # The regimes study's paired differences (optimizer, setting, contrast
+  # column: 2 grain - mean, 3 grain@mean-norm - mean) and cells of its tables
+  # (optimizer, setting, arm, mean score).
+  for opt, setting, col, cell in _REGIME_DIFF_CLAIMS:
+    match = [r for r in rows if len(r) == 6 and r[:2] == (opt, setting)
+             and r[5].startswith(('GRAIN', 'no detectable'))]
+    assert match and match[0][col] == cell, (opt, setting, col, match)
+    assert cell in text, cell
+  for opt, setting, arm, score in _REGIME_SCORE_CLAIMS:
+    match = [r for r in rows if len(r) == 14 and r[:3] == (opt, setting, arm)]
+    assert len(match) == 1 and match[0][5] == score, (opt, setting, arm, match)
+    assert score in text, score
+
+
+_REGIME_DIFF_CLAIMS = [
+    ('adamw', 'noise 0.2, m=4', 2, '+0.024 [+0.010, +0.039]'),
+    ('sgdm', 'noise 0.2, m=4', 2, '+0.033 [+0.023, +0.044]'),
+    ('sgdm', 'noise 0.4, m=4', 2, '+0.030 [+0.021, +0.039]'),
+    ('adamw', 'noise 0.2, m=4', 3, '+0.041 [+0.025, +0.057]'),
+    ('sgdm', 'noise 0.2, m=4', 3, '+0.065 [+0.046, +0.082]'),
+    ('sgdm', 'noise 0.4, m=4', 3, '+0.055 [+0.039, +0.073]'),
+    ('adamw', 'noise 0.4, m=4', 2, '-0.042 [-0.087, +0.000]'),
+]
+_REGIME_SCORE_CLAIMS = [
+    ('adamw', 'rare 2, m=16', 'grain', '0.079'),
+    ('adamw', 'rare 2, m=16', 'mean', '0.417'),
+]
+
+
+def test_is_grain_worth_it_verdict_for_noisy_labels():
+  monitor = load_example('is_grain_worth_it')
+  summary = {'steps': 10, 'steps_with_a_finite_group': 10,
+             'conflict_rate': 0.5, 'median_norm_ratio': 0.6,
+             'norm_ratio_range': (0.4, 0.9), 'median_effective_groups': 2.5,
+             'median_mean_min_cosine': -0.1, 'steps_with_nonfinite_groups': 0,
+             'loss_first': 1.0, 'loss_last': 0.5, 'nonfinite_loss': False,
+             'test_accuracy': 0.8, 'majority_share': 0.2, 'mean_trained': True}
+  for optimizer in ('adamw', 'sgd'):
+    text = monitor.verdict(summary, optimizer, 4, noisy_labels=True)
+    assert 'noisy labels' in text and "apply='grain_at_mean_length'" in text
+    assert 'noisy labels' not in monitor.verdict(summary, optimizer, 4)
