@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the regimes study (issue 24; protocol in STABILITY.md) on one GPU:
-# the three conditions as three processes side by side (the GPU has room for
-# all three; their XLA compiles then overlap instead of queueing), each
-# guarded by --budget-seconds and resumable.
+# the conditions as processes side by side (their XLA compiles then overlap
+# instead of queueing), each guarded by --budget-seconds and resumable. On
+# an 80 GB H100 all three at once ran out of memory; noise and sources side
+# by side, then imbalance alone, fit (CONDITIONS=...).
 #
 #   OUT=/some/dir RESUME=benchmarks/results/regimes_.../ BUDGET=500 \
 #     bash benchmarks/run_regimes_gpu.sh
