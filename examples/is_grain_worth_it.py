@@ -413,11 +413,13 @@ FINDINGS = {
          f'worst-class accuracy 0.079 against the mean\'s 0.417 under AdamW. '
          f'[{SRC}, sections {SEC_REGIMES_NOISE} and {SEC_REGIMES_RARE}]'],
         "Use groups of several examples (the study's: 4 per group, "
-        "m = batch / 4), not one per example, and try "
-        "apply='grain_at_mean_length' (the best arm in those cells) or "
-        "apply='grain', each at its own tuned learning rate, against the mean "
-        "on the same seeds. The evidence is one task; check yours the same "
-        "way. Watch a rare class: per-example GRAIN all but ignored it."),
+        "m = batch / 4), not one per example, with apply='grain' (fine-tuning "
+        "a transformer, also try apply='grain_at_mean_length', the best arm "
+        "on MiniLM), each at its own tuned learning rate, against the mean on "
+        "the same seeds. In a replication on two small MLP tasks (after the "
+        "fact) m = 4 helped in 6 of 8 noisy-label cells and hurt in none; the "
+        "tasks are small, so check yours the same way. Watch a rare class: "
+        "per-example GRAIN all but ignored it."),
 }
 
 
