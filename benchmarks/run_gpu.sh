@@ -26,13 +26,20 @@ PY=${PY:-python3}
 # time and the compiled program's peak memory for the default and lean
 # modes), qp (target 2), peer (PyTorch / TorchJD), step2 (m = 2, 16),
 # memory (peak memory measured in child processes).
+# Short fine-tuning steps (issue 23; not in the default list): short (MiniLM
+# bf16, full and LoRA, m = 4, 8, 16, fixed and streamed batches, device
+# profile), short_state (the same with the metrics carried in the donated
+# state), short_fp32 (fp32 compute), cbuf (XLA's command-buffer log of one
+# mean and one GRAIN LoRA step: which graph updates happen per call).
 STAGES=${STAGES:-"check step qp peer step2 memory"}
+SHORT_ARGS=${SHORT_ARGS:-"--modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 5 --feed fixed,stream --profile"}
 QP_ARGS=${QP_ARGS:-"--config full"}
 STEP_ARGS=${STEP_ARGS:-"--config full --groups 4 8 --profile 4 8"}
 STEP2_ARGS=${STEP2_ARGS:-"--config full --groups 2 16 --modes grain"}
 MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
 PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
-declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150)
+declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150
+                  [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=120)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 {
   date -u
@@ -64,10 +71,14 @@ for stage in $STAGES; do
     step) cmd="$PY benchmarks/step_overhead.py $STEP_ARGS --json $OUT/step.jsonl --dump_hlo /tmp/grain_hlo" ;;
     memory) cmd="$PY benchmarks/memory.py $MEM_ARGS --json $OUT/memory.jsonl" ;;
     peer) cmd="$PY benchmarks/peer_torchjd.py $PEER_ARGS --json $OUT/peer.jsonl" ;;
+    short) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --json $OUT/short.jsonl" ;;
+    short_state) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --metrics-in-state --json $OUT/short_state.jsonl" ;;
+    short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;
+    cbuf) cmd="env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 bash -c '$PY benchmarks/command_buffers.py --mode lora --method mean --groups 1 --json $OUT/cbuf.jsonl; $PY benchmarks/command_buffers.py --mode lora --method grain --groups 4 --metrics-in-state --json $OUT/cbuf.jsonl'" ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
   echo "\$ $cmd" | tee -a "$OUT/log.txt"
-  timeout "${LIMIT[$stage]}" $cmd 2>&1 | grep -v '^{' | tee -a "$OUT/log.txt"
+  timeout "${LIMIT[$stage]}" bash -c "$cmd" 2>&1 | grep -v '^{' | tee -a "$OUT/log.txt"
   rc=${PIPESTATUS[0]}
   echo "=== $stage rc=$rc $(date -u +%T)" | tee -a "$OUT/log.txt"
   if [ "$stage" = check ] && [ "$rc" != 0 ]; then
