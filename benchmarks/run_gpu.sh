@@ -16,6 +16,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1
+# MiniLM's weights as the fp16 export (examples/minilm.py --export DIR --fp16)
+[ -d .gpu/minilm ] && export MINILM_DIR=$PWD/.gpu/minilm
 export JAX_COMPILATION_CACHE_DIR=/tmp/grain_jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
@@ -31,6 +33,7 @@ PY=${PY:-python3}
 # profile), short_state (the same with the metrics carried in the donated
 # state), short_fp32 (fp32 compute), cbuf (XLA's command-buffer log of one
 # mean and one GRAIN LoRA step: which graph updates happen per call).
+# suite: the whole test suite on this GPU (6 workers), its log in suite.txt.
 STAGES=${STAGES:-"check step qp peer step2 memory"}
 SHORT_ARGS=${SHORT_ARGS:-"--modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 5 --feed fixed,stream --profile"}
 QP_ARGS=${QP_ARGS:-"--config full"}
@@ -39,7 +42,8 @@ STEP2_ARGS=${STEP2_ARGS:-"--config full --groups 2 16 --modes grain"}
 MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
 PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
 declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150
-                  [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=120)
+                  [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=120
+                  [suite]=420)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 {
   date -u
@@ -71,6 +75,7 @@ for stage in $STAGES; do
     step) cmd="$PY benchmarks/step_overhead.py $STEP_ARGS --json $OUT/step.jsonl --dump_hlo /tmp/grain_hlo" ;;
     memory) cmd="$PY benchmarks/memory.py $MEM_ARGS --json $OUT/memory.jsonl" ;;
     peer) cmd="$PY benchmarks/peer_torchjd.py $PEER_ARGS --json $OUT/peer.jsonl" ;;
+    suite) cmd="$PY -m pytest -q -n 6 -p no:cacheprovider --durations=10 tests > $OUT/suite.txt 2>&1; tail -n 15 $OUT/suite.txt" ;;
     short) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --json $OUT/short.jsonl" ;;
     short_state) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --metrics-in-state --json $OUT/short_state.jsonl" ;;
     short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;
