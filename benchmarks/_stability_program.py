@@ -233,7 +233,7 @@ class Runner:
     return results
 
 
-def _record(problem, cfg, lane, res, split, **extra):
+def run_record(problem, cfg, lane, res, split, **extra):
   preds = res['preds'][split]
   labels = problem.evals[split][1]
   n = len(labels)

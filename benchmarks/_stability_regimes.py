@@ -43,7 +43,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent
 import text_data  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from _stability_config import ARMS, Config, Lane  # pylint: disable=g-bad-import-order
-from _stability_program import _record  # pylint: disable=g-bad-import-order
+from _stability_program import run_record  # pylint: disable=g-bad-import-order
 
 CONDITIONS = ('noise', 'sources', 'imbalance')
 PRIMARY = {'noise': 'accuracy', 'sources': 'worst_source',
@@ -133,8 +133,8 @@ def setting_name(condition, lane, rare_shots):
 
 
 def regime_record(problem, cfg, lane, res, split, *, rare_shots, **extra):
-  """_record plus the regimes metrics; 'metric' is the condition's own."""
-  rec = _record(problem, cfg, lane, res, split, **extra)
+  """run_record plus the regimes metrics; 'metric' is the condition's own."""
+  rec = run_record(problem, cfg, lane, res, split, **extra)
   labels = problem.evals[split][1]
   preds = res['preds'][split][:len(labels)].astype(np.int64)
   hit = preds == labels

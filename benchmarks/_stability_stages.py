@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from _stability_config import ARMS, Config, Lane  # pylint: disable=g-bad-import-order
-from _stability_program import Runner, _record  # pylint: disable=g-bad-import-order
+from _stability_program import Runner, run_record  # pylint: disable=g-bad-import-order
 from _stability_regimes import RegimesStage  # pylint: disable=g-bad-import-order
 
 
@@ -53,7 +53,7 @@ class Study(RegimesStage):
       raise Budget(f'{left:.0f} s left, next job needs ~{need:.0f} s')
 
   def execute(self, problem, cfg, lanes, split, stage, data=None,
-              record=_record, **extra):
+              record=run_record, **extra):
     runner = self.runners.get(stage, self.runner)
     n_chunks = -(-len(lanes) // runner.lanes)
     key = (problem.key(), cfg)

@@ -79,7 +79,7 @@ point, ``main``, and re-exports the names tests and notes use):
 * ``_stability_program.py``: the arms as one optax transformation
   (``arm_transform``), the jitted lane-vmapped train-and-evaluate program
   (``_program``), the ``Runner`` (one compile per (problem, config), lanes
-  in fixed-size chunks) and the per-run JSON record (``_record``).
+  in fixed-size chunks) and the per-run JSON record (``run_record``).
 * ``_stability_stages.py``: ``Study``: the stages above, their plan and the
   ``--budget-seconds`` guard.
 * ``_stability_regimes.py``: the regimes stage (a mixin of ``Study``): each
