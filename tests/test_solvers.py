@@ -366,3 +366,30 @@ def test_where_the_scale_range_ends():
   tiny = grain_optax.gram_matrix(jnp.asarray(g * np.float32(1e-25)))
   np.testing.assert_array_equal(tiny, np.zeros((3, 3)))
   np.testing.assert_allclose(solve(tiny).weights, np.full(3, 1 / 3), rtol=1e-6)
+
+
+@pytest.mark.parametrize('bad', [0, -2, 2.5, 3.0, True])
+@pytest.mark.parametrize('entry', ['grain', 'accumulate', 'min_norm_weights',
+                                   'solver_options'])
+def test_max_iterations_must_be_a_positive_int_at_every_entry_point(bad, entry):
+  # One rule for the option wherever it is given: a Python scalar must be an
+  # int >= 1 (a float, even integral, or a bool is a mistake), named in the
+  # error before anything is traced.
+  gram = jnp.eye(2)
+  build = {
+      'grain': lambda: grain_optax.grain(max_iterations=bad),
+      'accumulate': lambda: grain_optax.accumulate(
+          grain_optax.grain(), every_k=2, max_iterations=bad),
+      'min_norm_weights': lambda: grain_optax.min_norm_weights(
+          gram, max_iterations=bad),
+      'solver_options': lambda: grain_optax.min_norm_weights(
+          gram, solver_options=grain_optax.SolverOptions(
+              max_iterations=bad)),
+  }[entry]
+  with pytest.raises(ValueError, match='max_iterations must be an int >= 1'):
+    build()
+
+
+def test_min_norm_weights_accepts_numpy_int_max_iterations():
+  sol = grain_optax.min_norm_weights(jnp.eye(2), max_iterations=np.int64(40))
+  np.testing.assert_allclose(sol.weights, [0.5, 0.5], atol=1e-6)

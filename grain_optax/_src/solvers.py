@@ -263,7 +263,9 @@ def _check_max_iterations(max_iterations: Any, solver: str,
   Arrays (``optax.inject_hyperparams`` makes them) are passed on, except
   with ``'projected_gradient'``, whose loop bound jaxopt needs static.
   """
-  if validation.is_int_like(max_iterations):
+  if validation.is_int_like(max_iterations) or isinstance(
+      max_iterations, (bool, float, np.bool_, np.floating)):
+    # Python and NumPy scalars: an int >= 1 (a float or a bool is an error).
     return validation.positive_int(max_iterations, 'max_iterations', caller)
   if max_iterations is not None and solver == 'projected_gradient':
     raise ValueError(
@@ -399,9 +401,7 @@ def min_norm_weights(
       tolerance=tolerance, max_iterations=max_iterations,
       regularization=regularization, stepsize=stepsize,
       exact_backend=exact_backend)
-  check_solver(options.solver, 'grain_optax')
-  if options.exact_backend is not None:
-    exact.resolve_backend(options.exact_backend)
+  options = check_options(options, caller='grain_optax.min_norm_weights')
   return solve(gram, mask, options)
 
 
