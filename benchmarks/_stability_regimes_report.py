@@ -38,7 +38,7 @@ CONTRASTS = (('grain − mean', 'mean', 'grain'),
 Z_DETECT = 1.959964 + 0.841621    # two-sided 5 %, 80 % power
 
 
-def protocol_block(text: str) -> Optional[str]:
+def hand_written_blocks(text: str) -> Optional[str]:
   """The hand-written sections of an existing report (the protocol, then the
   findings), if any."""
   blocks = []

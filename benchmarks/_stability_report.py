@@ -1,7 +1,8 @@
 """The markdown report (and its figures) of the stability study, rebuilt from
 the JSON-lines result files alone. The regimes stage's runs (issue 24) get
 their own sections and figure (_stability_regimes_report.py); the
-hand-written protocol section of an existing report is kept."""
+hand-written sections of an existing report (the regimes protocol and
+findings) are kept."""
 
 import pathlib
 from typing import Sequence
@@ -17,8 +18,8 @@ def report(paths: Sequence[str]):
   md_path = pathlib.Path(paths[0])
   png = md_path.with_suffix('.png')
   regimes_png = md_path.with_name('REGIMES.png')
-  protocol = (regimes_report.protocol_block(md_path.read_text())
-              if md_path.exists() else None)
+  kept = (regimes_report.hand_written_blocks(md_path.read_text())
+          if md_path.exists() else None)
   all_runs = []
   sections = []
   regime_sections = []
@@ -57,8 +58,8 @@ def report(paths: Sequence[str]):
                      title='Per-seed test scores, each method at its own '
                      'tuned learning rate')
   text = [stats.HEADER]
-  if protocol:
-    text.append(protocol)
+  if kept:
+    text.append(kept)
   for title, runs, head in sections:
     text.append(stats.markdown(runs, head, title=title,
                                figure=png.name if fig else None))

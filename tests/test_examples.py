@@ -56,11 +56,15 @@ def test_is_grain_worth_it_tiny(tmp_path, capsys):
   assert summary['final_metrics']['grain/norm_ratio'] == rows[-1]['grain/norm_ratio']
 
 
+def _table_rows(text):
+  """Rows of the Markdown tables in ``text``, as tuples of stripped cells."""
+  return [tuple(c.strip() for c in line.strip().strip('|').split('|'))
+          for line in text.splitlines() if line.startswith('| ')]
+
+
 def _stability_rows():
   """Cells of benchmarks/STABILITY.md's tables, as tuples of stripped text."""
-  text = (ROOT / 'benchmarks' / 'STABILITY.md').read_text()
-  return {tuple(c.strip() for c in line.strip().strip('|').split('|'))
-          for line in text.splitlines() if line.startswith('| ')}
+  return set(_table_rows((ROOT / 'benchmarks' / 'STABILITY.md').read_text()))
 
 
 # (task, optimizer, lr, arm, mean score, failed seeds) of the learning-rate
@@ -167,9 +171,7 @@ def _section_rows(heading):
   text = (ROOT / 'benchmarks' / 'STABILITY.md').read_text()
   start = text.index(f'## {heading}\n')
   end = text.find('\n## ', start + 1)
-  return [tuple(c.strip() for c in line.strip().strip('|').split('|'))
-          for line in text[start:end if end > 0 else None].splitlines()
-          if line.startswith('| ')]
+  return _table_rows(text[start:end if end > 0 else None])
 
 
 _REGIME_DIFF_CLAIMS = [
