@@ -12,11 +12,21 @@ Profiles (``pytest --hypothesis-profile=NAME``):
   tests/test_gram_combine.py`` (about 15 minutes on 2 cores).
 """
 
+import importlib.util
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Subprocesses that run a script by path (tests/_resumable_training.py,
+# tests/test_x64.py) import the grain_optax this process imports, installed
+# or not: its parent folder goes first on their PYTHONPATH.
+_spec = importlib.util.find_spec('grain_optax')
+if _spec is not None and _spec.origin:
+  os.environ['PYTHONPATH'] = os.pathsep.join(
+      p for p in (os.path.dirname(os.path.dirname(_spec.origin)),
+                  os.environ.get('PYTHONPATH')) if p)
 
 # On GPUs, several pytest-xdist workers share a device: allocate on demand
 # instead of each reserving 75% of its memory.

@@ -229,8 +229,10 @@ def test_exact_and_projected_gradient_derivatives_agree():
   # the implicit function theorem (float32 accurate), the projected-gradient
   # one through its (converged, fixed-step) iterations, which float32
   # rounding along 2000 accelerated steps limits: 1.6e-6 from the reference
-  # on the CPU, 1.0e-4 (2e-4 relative) on an H100 and an H200, where the
-  # exact derivative stayed within 1e-6.
+  # on the CPU; on an H100 (JAX 0.11.2) 2.4e-5 on the support and 3.5e-5 on
+  # an off-support group's row, whose true derivative is 0 (7.6e-5 of the
+  # largest entry), where the exact derivative stayed within 1e-6. A wrong
+  # derivative is off by the entries' own size (~0.1).
   g, c, _ = _six_groups_in_four_dimensions()
   pg = dict(solver='projected_gradient', stepsize=0.1, tolerance=1e-9,
             max_iterations=2000)
@@ -243,7 +245,8 @@ def test_exact_and_projected_gradient_derivatives_agree():
   assert 0 < len(support) < len(w)
   reference = _support_derivative_float64(g, c, support)
   np.testing.assert_allclose(exact_grad, reference, atol=1e-5)
-  np.testing.assert_allclose(pg_grad, reference, rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(pg_grad, reference, rtol=1e-3,
+                             atol=2e-4 * np.abs(reference).max())
 
 
 def test_meta_gradient_through_a_grain_step_with_the_exact_solver():
