@@ -15,6 +15,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+# This checkout's grain_optax for every script, installed or not.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 # MiniLM's weights as the fp16 export (examples/minilm.py --export DIR --fp16)
 [ -d .gpu/minilm ] && export MINILM_DIR=$PWD/.gpu/minilm

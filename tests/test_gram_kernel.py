@@ -112,6 +112,37 @@ def test_kernel_gram_of_a_mixed_tree_and_its_derivative():
   np.testing.assert_allclose(batched[1], 4 * batched[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize('p', [1, 63, 64, 65, 1000])
+@pytest.mark.parametrize('m', [1, 4, 16])
+def test_blocked_gram_is_the_gram(m, p):
+  # The small leaves' matrix, cut into blocks of 64 columns (the last one
+  # padded with zeros): the same Gram as one dot, symmetric, float32.
+  rng = np.random.default_rng(p)
+  x = jnp.asarray(rng.standard_normal((m, p)) *
+                  np.logspace(-2, 2, m)[:, None], jnp.float32)
+  k = gram.blocked_gram(x, 64)
+  ref = _reference([x])
+  assert k.dtype == jnp.float32 and k.shape == (m, m)
+  np.testing.assert_allclose(k, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+  np.testing.assert_array_equal(k, k.T)
+
+
+def test_small_leaves_are_those_the_kernel_leaves_out():
+  small = gram_kernel.small
+  assert small((4, 3072), jnp.float32)  # LoRA factors, biases, norm scales
+  assert small((4, 8, 384), jnp.bfloat16)
+  assert not small((4, 768, 3072), jnp.bfloat16)  # the kernel's
+  assert not small((4, 768, 3072), jnp.float32)  # large: XLA's dot alone
+  assert not small((4, 16), jnp.float64)  # no float32 copy of float64
+  config = dataclasses.replace(SMALL_LEAVES, small_block=64)
+  leaves = tuple(jnp.asarray(np.random.default_rng(i).standard_normal(
+      (4, 7 * i + 1)), jnp.float32) for i in range(1, 30))
+  assert all(small(x.shape, x.dtype, config) for x in leaves)
+  ref = _reference(leaves)
+  np.testing.assert_allclose(gram.kernel_gram(leaves, True, config), ref,
+                             rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+
+
 def test_probe_and_backend_variable(monkeypatch):
   gram_kernel.probe(interpret=True)
   monkeypatch.setenv(gram_kernel.ENVIRONMENT_VARIABLE, 'xla')

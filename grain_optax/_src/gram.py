@@ -34,6 +34,24 @@ def leaf_gram(leaf: jax.Array, out_sharding: Any = None,
       preferred_element_type=jnp.float32, **kwargs)
 
 
+def blocked_gram(x: jax.Array, block: int) -> jax.Array:
+  """The ``[m, m]`` float32 Gram of an ``[m, P]`` matrix, ``block`` columns
+  at a time: the columns are padded with zeros to whole blocks, the blocks'
+  Grams are one batched dot and their sum is the Gram. For ``P <= block``,
+  :func:`leaf_gram`.
+  """
+  m, p = x.shape
+  if p <= block:
+    return leaf_gram(x)
+  n = -(-p // block)
+  x = jnp.pad(x, ((0, 0), (0, n * block - p))).reshape(m, n, block)
+  partial = jax.lax.dot_general(
+      x, x, dimension_numbers=(((2,), (2,)), ((1,), (1,))),
+      precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32)
+  return jnp.sum(partial, axis=0)
+
+
 def total(grams: Sequence[jax.Array]) -> jax.Array:
   """The sum of a non-empty list of Gram matrices, in order."""
   return sum(grams[1:], grams[0])
@@ -48,21 +66,22 @@ def kernel_gram(leaves: Tuple[jax.Array, ...], interpret: bool = False,
   Leaves the kernel supports (:func:`gram_kernel.supported`) take one kernel
   launch together, and one reduction sums its partial sums; those with
   fewer than ``config.small`` entries per group (biases, norms' scales)
-  are concatenated in float32 and take one XLA dot; the rest take XLA's dot
-  one by one. Differentiable (the tangent by XLA's dots). ``config`` is the
-  kernel's tuning (:class:`gram_kernel.KernelConfig`).
+  are concatenated in float32 and take one batched XLA dot
+  (:func:`blocked_gram`, ``config.small_block`` columns a block); the rest
+  take XLA's dot one by one. Differentiable (the tangent by XLA's dots).
+  ``config`` is the kernel's tuning (:class:`gram_kernel.KernelConfig`).
   """
   grams, small, kernel = [], [], []
   for leaf in leaves:
     if gram_kernel.supported(leaf.shape, leaf.dtype, config):
       kernel.append(leaf)
-    elif (leaf[0].size < config.small
-          and jnp.dtype(leaf.dtype).itemsize <= 4):
+    elif gram_kernel.small(leaf.shape, leaf.dtype, config):
       small.append(leaf.reshape(leaf.shape[0], -1).astype(jnp.float32))
     else:
       grams.append(leaf_gram(leaf))
   if small:
-    grams.append(leaf_gram(jnp.concatenate(small, axis=1)))
+    grams.append(blocked_gram(jnp.concatenate(small, axis=1),
+                              config.small_block))
   if kernel:
     # One launch per leaves_per_launch leaves: the kernel holds a branch per
     # leaf, and its compile time grows with them.
@@ -109,8 +128,9 @@ def gram_of_leaves(leaves: Sequence[jax.Array],
                    backend: Optional[str] = None) -> jax.Array:
   """:func:`gram_matrix` of checked leaves (``param_axes`` bound, tracked).
 
-  On one CUDA GPU the large leaves go through :mod:`gram_kernel`'s kernel;
-  elsewhere each leaf is one XLA dot. ``backend`` (``'auto'`` or ``'xla'``;
+  On one CUDA GPU the large 16-bit leaves go through :mod:`gram_kernel`'s
+  kernel and the small ones through one batched dot (:func:`kernel_gram`),
+  where either applies; elsewhere each leaf is one XLA dot. ``backend`` (``'auto'`` or ``'xla'``;
   None: the default from ``GRAIN_OPTAX_GRAM_BACKEND``, read at trace time)
   is ``SolverOptions.gram_backend``; an explicit backend does not read the
   environment.
@@ -123,7 +143,8 @@ def gram_of_leaves(leaves: Sequence[jax.Array],
     raise ValueError(f"grain_optax: gram_backend={backend!r} is not a Gram "
                      "backend; use 'auto' or 'xla'.")
   if (backend == 'auto' and not param_axes
-      and any(gram_kernel.supported(x.shape, x.dtype) for x in leaves)
+      and (any(gram_kernel.supported(x.shape, x.dtype) for x in leaves)
+           or sum(gram_kernel.small(x.shape, x.dtype) for x in leaves) > 1)
       and gram_kernel.enabled()):
     # platform_dependent picks the branch for the device the computation
     # lands on (a jit may target the CPU on a GPU host).

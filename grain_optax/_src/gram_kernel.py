@@ -68,6 +68,12 @@ class KernelConfig:
     small: leaves with fewer entries per group than this are concatenated
       into one float32 matrix and take one XLA dot (a kernel launch each
       would cost more than they hold).
+    small_block: columns of that matrix per product of the dot's batch: the
+      ``[m, P]`` matrix is cut into ``P / small_block`` blocks whose Grams
+      are summed, so that the dot runs on many GPU blocks (one ``[m, P]``
+      product with ``P`` in the hundreds of thousands ran on a few and took
+      0.41 ms on an H100 for MiniLM's LoRA factors; benchmarks/RESULTS.md,
+      "Short steps").
   """
   chunk: int = 128
   max_span: int = 8192
@@ -77,6 +83,7 @@ class KernelConfig:
   num_stages: int = 3
   leaves_per_launch: int = 64
   small: int = 1 << 16
+  small_block: int = 2048
 
 
 DEFAULT = KernelConfig()
@@ -127,6 +134,15 @@ def supported(shape, dtype, config: KernelConfig = DEFAULT) -> bool:
   p = int(np.prod(shape[1:], dtype=np.int64))
   return (r is not None and p >= config.small and p % (r // m) == 0
           and p * m // r >= config.min_span)
+
+
+def small(shape, dtype, config: KernelConfig = DEFAULT) -> bool:
+  """Whether a ``[m, *param_shape]`` leaf joins the concatenated small
+  leaves (fewer than ``config.small`` entries per group, at most 32 bits,
+  not taken by the kernel)."""
+  return (not supported(shape, dtype, config) and len(shape) >= 1
+          and int(np.prod(shape[1:], dtype=np.int64)) < config.small
+          and jnp.dtype(dtype).itemsize <= 4)
 
 
 def _kernel(*refs, plan):
