@@ -123,7 +123,7 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
   statistics stay in the (donated) state, where
   ``grain_optax.grain_statistics(to_nnx(state))`` reads them; the step then
   has no output that the mean's step lacks (see
-  ``docs/guides/performance.md``, "Short steps are bound by the host").
+  ``docs/guides/performance.md``, "Short steps").
 
   With ``metrics_in_state=True`` (needs ``flat=True``) the metrics travel in
   the donated state instead: ``state[-len(names):]`` holds them, in the order

@@ -71,9 +71,8 @@ class KernelConfig:
     small_block: columns of that matrix per product of the dot's batch: the
       ``[m, P]`` matrix is cut into ``P / small_block`` blocks whose Grams
       are summed, so that the dot runs on many GPU blocks (one ``[m, P]``
-      product with ``P`` in the hundreds of thousands ran on a few and took
-      0.41 ms on an H100 for MiniLM's LoRA factors; benchmarks/RESULTS.md,
-      "Short steps").
+      product with ``P`` in the hundreds of thousands runs on a few: the
+      measurements are in benchmarks/RESULTS.md, "Short steps").
   """
   chunk: int = 128
   max_span: int = 8192
