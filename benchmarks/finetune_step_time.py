@@ -31,6 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent
                        / 'examples'))
 import finetune_text  # pylint: disable=g-import-not-at-top,wrong-import-position
+import host_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def build_config(*, mode, batch, seq, method, groups, args):
@@ -147,15 +148,10 @@ def main(argv=None):
   p.add_argument('--nnx-state', action='store_true',
                  help='pass the nnx.State to the jitted step (the slow '
                  'pattern) instead of its flat list of arrays')
-  p.add_argument('--keep-unused', action='store_true',
-                 help="jax.jit(keep_unused=True) for the step: the state's "
-                 'write-only leaves stay inputs, donated and aliased')
+  host_profile.add_aliasing_arguments(p)
   p.add_argument('--stats', choices=('metrics', 'state'), default='metrics',
                  help="GRAIN's logged cosines as outputs of the step "
                  "('metrics') or read from the donated state ('state')")
-  p.add_argument('--metrics-in-state', action='store_true',
-                 help='the metrics travel in the donated state (every output '
-                 'of the step aliased to a donated input)')
   p.add_argument('--feed', default='fixed',
                  help="'fixed' (one device batch for every step), 'stream' "
                  "(4 device batches in turn, as a training loop feeds new "

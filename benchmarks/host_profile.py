@@ -36,6 +36,17 @@ import _gpt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import finetune_text  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+def add_aliasing_arguments(p):
+  """How the step's state and metrics are passed: ``--keep-unused`` and
+  ``--metrics-in-state`` (shared with ``finetune_step_time.py``)."""
+  p.add_argument('--keep-unused', action='store_true',
+                 help="jax.jit(keep_unused=True) for the step: the state's "
+                 'write-only leaves stay inputs, donated and aliased')
+  p.add_argument('--metrics-in-state', action='store_true',
+                 help='the metrics travel in the donated state (every output '
+                 'of the step aliased to a donated input)')
+
+
 def add_step_arguments(p):
   """The options of the step that :func:`build` makes, and the common ones.
 
@@ -53,12 +64,7 @@ def add_step_arguments(p):
                  default='bfloat16')
   p.add_argument('--steps', type=int, default=30)
   p.add_argument('--label', default='')
-  p.add_argument('--keep-unused', action='store_true',
-                 help="jax.jit(keep_unused=True) for the step: the state's "
-                 'write-only leaves stay inputs, donated and aliased')
-  p.add_argument('--metrics-in-state', action='store_true',
-                 help='the metrics travel in the donated state (every output '
-                 'of the step aliased to a donated input)')
+  add_aliasing_arguments(p)
   p.add_argument('--json', default=None,
                  help='also append the JSON line to this file')
   p.add_argument('--tiny', action='store_true', help='CPU smoke run')
