@@ -130,8 +130,9 @@ def gram_of_leaves(leaves: Sequence[jax.Array],
 
   On one CUDA GPU the large 16-bit leaves go through :mod:`gram_kernel`'s
   kernel and the small ones through one batched dot (:func:`kernel_gram`),
-  where either applies; elsewhere each leaf is one XLA dot. ``backend`` (``'auto'`` or ``'xla'``;
-  None: the default from ``GRAIN_OPTAX_GRAM_BACKEND``, read at trace time)
+  where either applies; elsewhere each leaf is one XLA dot. ``backend``
+  (``'auto'`` or ``'xla'``; None: the default from
+  ``GRAIN_OPTAX_GRAM_BACKEND``, read at trace time)
   is ``SolverOptions.gram_backend``; an explicit backend does not read the
   environment.
   """
