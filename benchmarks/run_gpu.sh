@@ -34,7 +34,8 @@ PY=${PY:-python3}
 # bf16, full and LoRA, m = 4, 8, 16, fixed and streamed batches, device
 # profile), short_state (the same with the metrics carried in the donated
 # state), short_fp32 (fp32 compute), cbuf (XLA's command-buffer log of one
-# mean and one GRAIN LoRA step: which graph updates happen per call).
+# mean step, GRAIN LoRA steps with the metrics in the state and as outputs,
+# and a GRAIN full step: which graph updates happen per call).
 # suite: the whole test suite on this GPU (6 workers), its log in suite.txt.
 STAGES=${STAGES:-"check step qp peer step2 memory"}
 SHORT_ARGS=${SHORT_ARGS:-"--modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 5 --feed fixed,stream --profile"}
@@ -44,7 +45,7 @@ STEP2_ARGS=${STEP2_ARGS:-"--config full --groups 2 16 --modes grain"}
 MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
 PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
 declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150
-                  [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=120
+                  [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=200
                   [suite]=420)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 {
@@ -81,7 +82,7 @@ for stage in $STAGES; do
     short) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --json $OUT/short.jsonl" ;;
     short_state) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --metrics-in-state --json $OUT/short_state.jsonl" ;;
     short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;
-    cbuf) cmd="env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 bash -c '$PY benchmarks/command_buffers.py --mode lora --method mean --groups 1 --json $OUT/cbuf.jsonl; $PY benchmarks/command_buffers.py --mode lora --method grain --groups 4 --metrics-in-state --json $OUT/cbuf.jsonl'" ;;
+    cbuf) cmd="env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 bash -c '$PY benchmarks/command_buffers.py --mode lora --method mean --groups 1 --json $OUT/cbuf.jsonl; $PY benchmarks/command_buffers.py --mode lora --method grain --groups 4 --metrics-in-state --json $OUT/cbuf.jsonl; $PY benchmarks/command_buffers.py --mode lora --method grain --groups 4 --json $OUT/cbuf.jsonl; $PY benchmarks/command_buffers.py --mode full --method grain --groups 4 --json $OUT/cbuf.jsonl'" ;;
     *) echo "unknown stage $stage"; continue ;;
   esac
   echo "\$ $cmd" | tee -a "$OUT/log.txt"
