@@ -88,7 +88,20 @@ def lowered_counts(stablehlo_text: str) -> dict:
     flops += 2 * k * math.prod(out)
   return {'inputs': inputs.count('%arg'),
           'aliased': main.count('tf.aliasing_output'),
-          'outputs': outputs.count('tensor<'), 'dot_gflop': flops / 1e9}
+          'outputs': outputs.count('tensor<'), 'dot_gflop': flops / 1e9,
+          'largest_tensors': largest_tensors(stablehlo_text)}
+
+
+def largest_tensors(stablehlo_text: str, count: int = 5) -> list:
+  """The ``count`` largest distinct tensor types the module names, by
+  bytes, as ``[type, MB]`` (e.g. per-group gradients of an embedding)."""
+  sizes = {}
+  for t in set(re.findall(r'tensor<[0-9x]*[a-z]+[0-9]*>', stablehlo_text)):
+    bits = re.search(r'[a-z]+(\d*)>$', t).group(1)
+    sizes[t[len('tensor<'):-1]] = (math.prod(_dims(t)) * int(bits or 8)
+                                   / 8 / 1e6)
+  return [[t, round(mb, 1)] for t, mb in
+          sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:count]]
 
 
 def addresses(tree):
@@ -126,7 +139,8 @@ def main(argv=None):
           f"{args.lowered_for}: state leaves {row['state_leaves']}, inputs "
           f"{row['inputs']} (data {row['data_inputs']}), outputs "
           f"{row['outputs']}, aliased {row['aliased']}, dots "
-          f"{row['dot_gflop']:.1f} GFLOP")
+          f"{row['dot_gflop']:.1f} GFLOP; largest tensors "
+          f"{row['largest_tensors'][:3]}")
     host_profile.emit(row, args.json)
     return row
   step, state, data = host_profile.build(args)

@@ -11,15 +11,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/grain_bench}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-# This checkout's grain_optax for every script, installed or not.
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
-# MiniLM's weights as the fp16 export (examples/minilm.py --export DIR --fp16)
-[ -d .gpu/minilm ] && export MINILM_DIR=$PWD/.gpu/minilm
+# Wheels, PYTHONPATH, MINILM_DIR (benchmarks/_gpu_env.sh).
+. benchmarks/_gpu_env.sh
 export JAX_COMPILATION_CACHE_DIR=/tmp/grain_jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0

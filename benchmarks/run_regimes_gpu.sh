@@ -21,12 +21,9 @@ mkdir -p "$OUT"
 if [ -n "${RESUME:-}" ]; then
   cp "$RESUME"/regimes_*.jsonl "$OUT"/ 2>/dev/null || true
 fi
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-[ -d .gpu/minilm ] && export MINILM_DIR=$PWD/.gpu/minilm
+# Wheels, PYTHONPATH, MINILM_DIR (benchmarks/_gpu_env.sh).
+. benchmarks/_gpu_env.sh
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 COMMON="--suite minilm --regimes full --stages regimes --val-seeds 3 \
   --seeds 20 --lanes 10 --max-eval 1000 --budget-seconds $BUDGET"
 declare -A ARGS=(

@@ -97,6 +97,17 @@ def test_command_buffers_lowered_for_cuda_tiny(tmp_path):
   assert row['inputs'] == row['state_leaves'] + row['data_inputs']
   assert row['aliased'] == row['state_leaves'] > 50
   assert row['dot_gflop'] > 0
+  # The largest tensors, by bytes: LoRA leaves the word embedding frozen,
+  # so its table leads; full fine-tuning adds its per-group (m = 2)
+  # gradients, in the backward's bf16.
+  sizes = [mb for _, mb in row['largest_tensors']]
+  assert sizes == sorted(sizes, reverse=True)
+  assert row['largest_tensors'][0] == ['30522x384xf32', 46.9]
+  assert not any(t.startswith('2x30522') for t, _ in row['largest_tensors'])
+  full = _module('command_buffers').main(
+      ['--tiny', '--lowered-for', 'cuda', '--method', 'grain', '--mode',
+       'full'])
+  assert ['2x30522x384xbf16', 46.9] in full['largest_tensors'][:2]
   assert json.loads(out.read_text().splitlines()[-1]) == row
 
 
