@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from grain_optax._src import backward_dtype
 from grain_optax._src import grouping
 from grain_optax._src import reductions
+from grain_optax._src import row_lookups
 from grain_optax._src import validation
 
 
@@ -24,6 +25,7 @@ def nnx_group_value_and_grad(
     example_mask: Optional[Callable[[Any], Any]] = None,
     grad_dtype: str = 'backward',
     split_sums: Union[bool, str] = 'auto',
+    row_sparse: bool = False,
 ) -> Callable[..., Any]:
   r"""Per-group losses and gradients of a Flax NNX module, for :func:`grain`.
 
@@ -168,8 +170,30 @@ def nnx_group_value_and_grad(
       out = loss_fn(inner, group, *args)
       nnx.update(model, nnx.state(inner, nnx.Not(wrt)))
       return out
-    return nnx.value_and_grad(
-        loss_wide, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
+    return loss_wide
+
+  def by_rows(loss, dense_grad_fn):
+    """``dense_grad_fn`` with the tables read only by row lookups
+    differentiated as rows (``RowSparse``; see ``row_lookups``)."""
+    def grad_fn(model, group, *args):
+      graphdef, diff, rest = nnx.split(model, wrt, ...)
+      leaves, treedef = jax.tree_util.tree_flatten(diff)
+
+      def pure(leaves, rest, group, *args):
+        inner = nnx.merge(graphdef, jax.tree_util.tree_unflatten(
+            treedef, leaves), rest)
+        out = loss(inner, group, *args)
+        value, aux = out if has_aux else (out, None)
+        return value, (aux, nnx.state(inner, nnx.Not(wrt)))
+
+      found = row_lookups.value_and_grad(pure, leaves, rest, group, *args)
+      if found is None:
+        return dense_grad_fn(model, group, *args)
+      (value, (aux, new_rest)), grads = found
+      nnx.update(model, new_rest)
+      grads = jax.tree_util.tree_unflatten(treedef, grads)
+      return ((value, aux) if has_aux else value), grads
+    return grad_fn
 
   def wrapped(model, batch, *args):
     groups = grouping.split_into_groups(batch, num_groups)
@@ -178,7 +202,12 @@ def nnx_group_value_and_grad(
     copy, this_grad_fn = None, grad_fn
     if narrow is not None:
       copy, dtypes = narrow
-      this_grad_fn = on_wide(dtypes)
+      this_loss = on_wide(dtypes)
+      this_grad_fn = nnx.value_and_grad(
+          this_loss, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)
+    if row_sparse:
+      this_grad_fn = by_rows(loss_fn if narrow is None else this_loss,
+                             this_grad_fn)
 
     @nnx.split_rngs(splits=num_groups)
     @nnx.vmap(in_axes=(module_axes, 0) + (None,) * len(args), out_axes=0)

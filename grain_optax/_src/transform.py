@@ -7,7 +7,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from grain_optax._src import combine as combine_lib
+from grain_optax._src import gram as gram_lib
 from grain_optax._src import min_norm_point as mnp_lib
+from grain_optax._src import row_sparse
 from grain_optax._src import solvers
 from grain_optax._src import state as state_lib
 from grain_optax._src import validation
@@ -47,6 +50,73 @@ def _scatter(flags: Sequence[bool], updates: Any, params: Any,
     else:
       out.append(jnp.zeros(leaf.shape[1:], leaf.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _dense_view(updates: Any, caller: str) -> Tuple[Any, bool]:
+  """``updates`` with every :class:`RowSparse` leaf checked and replaced by
+  the ``ShapeDtypeStruct`` of its dense per-group tables (for the checks),
+  and whether there was one."""
+  found, treedef = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=row_sparse.is_row_sparse)
+  out, any_sparse = [], False
+  for path, leaf in found:
+    if row_sparse.is_row_sparse(leaf):
+      row_sparse.check(leaf, validation.leaf_name(path), caller)
+      leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+      any_sparse = True
+    out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out), any_sparse
+
+
+def _run_row_sparse(updates: Any, params: Any, flags: Optional[List[bool]],
+                    options: solvers.SolverOptions, **run_args
+                    ) -> Tuple[Any, mnp_lib.Step]:
+  """One device's step with :class:`RowSparse` leaves among the updates.
+
+  The dense leaves' Gram (the usual backends) plus each row-sparse leaf's
+  Gram on its touched rows; the update combines the dense leaves as usual
+  and scatters each row-sparse leaf's weighted rows into one table.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(
+      updates, is_leaf=row_sparse.is_row_sparse)
+  p_leaves = (None if params is None
+              else treedef.flatten_up_to(params))
+  out_dtype = lambda i: (leaves[i].dtype if p_leaves is None
+                         else jnp.result_type(p_leaves[i]))
+  taken = [i for i in range(len(leaves)) if flags is None or flags[i]]
+  sparse = [i for i in taken if row_sparse.is_row_sparse(leaves[i])]
+  dense = [i for i in taken if i not in sparse]
+  m = leaves[taken[0]].shape[0]
+  grams = [row_sparse.gram(leaves[i]) for i in sparse]
+  if dense:
+    grams.append(gram_lib.gram_of_leaves(
+        [leaves[i] for i in dense], backend=options.gram_backend))
+  gram = gram_lib.total(grams)
+
+  def combine(coefficients, step):
+    del step
+    out = {}
+    if dense:
+      out.update(zip(dense, combine_lib.weighted_sum(
+          [leaves[i] for i in dense], coefficients,
+          [out_dtype(i) for i in dense])))
+    for i in sparse:
+      out[i] = row_sparse.combination(leaves[i], coefficients, out_dtype(i))
+    return [out[i] for i in taken]
+
+  # Only the leading axis of these stand-ins is read: gram and combine are
+  # given.
+  stand_ins = [jnp.zeros((m, 0), jnp.float32) for _ in taken]
+  step = mnp_lib.run(stand_ins, options, gram=gram, combine=combine,
+                     **run_args)
+  new = iter(step.update)
+  out = []
+  for i, leaf in enumerate(leaves):
+    if flags is None or flags[i]:
+      out.append(next(new))
+    else:
+      out.append(jnp.zeros(leaf.shape[1:], out_dtype(i)))
+  return jax.tree_util.tree_unflatten(treedef, out), step
 
 
 def grain(
@@ -256,12 +326,26 @@ def grain(
     del extra_args
     validation.check_not_masked(updates, caller)
     validation.check_not_in_conditional(caller)
-    validation.group_count(updates)
+    view, any_sparse = _dense_view(updates, caller)
+    validation.group_count(view)
     if params is not None:
-      validation.check_matches_params(updates, params)
+      validation.check_matches_params(view, params)
     flags = (None if mask is None
-             else validation.leaf_flags(mask, updates, params, caller))
-    validation.check_floating(updates, flags, caller)
+             else validation.leaf_flags(mask, view, params, caller))
+    validation.check_floating(view, flags, caller)
+    if any_sparse:
+      if (axis_name is not None or param_axis_name is not None
+          or mesh is not None or param_sharding is not None):
+        raise ValueError(
+            f'{caller}: RowSparse updates (row_sparse=True) are for one '
+            'device; across devices pass dense per-group gradients.')
+      new_updates, step = _run_row_sparse(
+          updates, params, flags, options, group_mask=group_mask,
+          num_groups=num_groups, apply=apply, caller=caller)
+      new_state = state_lib.solution_state(
+          state, step.solution, step.statistics,
+          record_weights=num_groups is not None)
+      return new_updates, new_state
     if flags is None:
       sub_updates, sub_params, sub_placement = updates, params, placement
     else:  # GRAIN on the trainable leaves only.
