@@ -34,7 +34,7 @@ import finetune_text  # pylint: disable=g-import-not-at-top,wrong-import-positio
 import host_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def build_config(*, mode, batch, seq, method, groups, args):
+def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
   """Model, optimizer, compiled step, state and a pool of device batches."""
   lora_rank = args.lora_rank if mode == 'lora' else 0
   model = finetune_text.build_model(
@@ -47,7 +47,7 @@ def build_config(*, mode, batch, seq, method, groups, args):
       model, optimizer, method=method, groups=groups,
       flat=not args.nnx_state, keep_unused=args.keep_unused,
       stats_in_metrics=args.stats == 'metrics',
-      metrics_in_state=args.metrics_in_state)
+      metrics_in_state=args.metrics_in_state, row_sparse=row_sparse)
   rng = np.random.default_rng(0)
   # Token ids past the special tokens, every position a real token. A pool
   # of distinct device batches for --feed stream (a training loop's batch
@@ -72,6 +72,7 @@ def build_config(*, mode, batch, seq, method, groups, args):
           'dtype': args.dtype, 'layers': args.layers or 6,
           'keep_unused': args.keep_unused, 'stats': args.stats,
           'metrics_in_state': args.metrics_in_state,
+          'row_sparse': row_sparse,
           'trainable_params': finetune_text.minilm.count_params(
               model, model.trainable()),
           'compile_s': compile_s,
@@ -156,6 +157,11 @@ def main(argv=None):
                  help="'fixed' (one device batch for every step), 'stream' "
                  "(4 device batches in turn, as a training loop feeds new "
                  "ones) or both, comma-separated; the first is the table's")
+  p.add_argument('--row-sparse', choices=('off', 'on', 'both'),
+                 default='off',
+                 help="GRAIN with the word embedding's per-group gradients "
+                 "as rows (nnx_group_value_and_grad(row_sparse=True)): "
+                 "'on', 'off' or 'both' (each GRAIN run twice, one process)")
   p.add_argument('--monitor', action='store_true',
                  help="also time monitor mode (grain(apply='mean')) per m")
   p.add_argument('--tiny', action='store_true',
@@ -182,18 +188,21 @@ def main(argv=None):
   configs = []
   for mode in modes:
     for batch in batches:
-      runs = [('mean', 1, None)] + [
-          ('grain', g, b) for g in groups
-          for b in args.gram_backends.split(',')]
+      sparse = {'off': [False], 'on': [True],
+                'both': [False, True]}[args.row_sparse]
+      runs = [('mean', 1, None, False)] + [
+          ('grain', g, b, r) for g in groups
+          for b in args.gram_backends.split(',') for r in sparse]
       if args.monitor:
-        runs += [('monitor', g, None) for g in groups]
-      for method, m, gram_backend in runs:
+        runs += [('monitor', g, None, r) for g in groups for r in sparse]
+      for method, m, gram_backend, row_sparse in runs:
         if batch % m:
           continue
         if gram_backend:
           os.environ['GRAIN_OPTAX_GRAM_BACKEND'] = gram_backend
         config = build_config(mode=mode, batch=batch, seq=args.seq,
-                              method=method, groups=m, args=args)
+                              method=method, groups=m, args=args,
+                              row_sparse=row_sparse)
         config['row'].update(env, gram_backend=gram_backend)
         configs.append(config)
   for _ in range(args.repeats):
@@ -222,6 +231,8 @@ def main(argv=None):
             f"m={row['groups']}")
     if row.get('gram_backend') not in (None, 'auto'):
       name += f" ({row['gram_backend']})"
+    if row.get('row_sparse'):
+      name += ' rows'
     mode = (f"LoRA r={row['lora_rank']}" if row['lora_rank'] else 'full')
     row['ratio_to_mean'] = row['ms_per_step'] / base['ms_per_step']
     busy, base_busy = row['device_busy_ms'], base['device_busy_ms']

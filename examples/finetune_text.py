@@ -103,7 +103,7 @@ def make_optimizer(model, *, method, groups, accumulate, lr, total_steps,
 
 def make_train_step(model, optimizer, *, method, groups, donate=None,
                     flat=True, keep_unused=False, stats_in_metrics=True,
-                    metrics_in_state=False):
+                    metrics_in_state=False, row_sparse=False):
   """A jitted functional step ``(state, batch) -> (state, metrics)``.
 
   Returns ``(step, state, to_nnx)``. With ``flat=True`` (the fast pattern
@@ -125,6 +125,11 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
   has no output that the mean's step lacks (see
   ``docs/guides/performance.md``, "Short steps").
 
+  With ``row_sparse=True`` the word embedding's per-group gradients are
+  the rows its lookups touched (``nnx_group_value_and_grad(row_sparse=
+  True)``), not ``m`` dense tables: the fast pattern for full fine-tuning in
+  float32 (see ``docs/guides/performance.md``).
+
   With ``metrics_in_state=True`` (needs ``flat=True``) the metrics travel in
   the donated state instead: ``state[-len(names):]`` holds them, in the order
   of :func:`metric_names`, and ``metrics`` is an empty dict. Every output of
@@ -138,7 +143,8 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
   wrt = model.trainable()
   grouped = method in ('grain', 'monitor')
   if grouped:
-    group_grads = grain_optax.nnx_group_value_and_grad(loss_fn, groups, wrt=wrt)
+    group_grads = grain_optax.nnx_group_value_and_grad(
+        loss_fn, groups, wrt=wrt, row_sparse=row_sparse)
   else:
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))
   graphdef, state = nnx.split((model, optimizer))

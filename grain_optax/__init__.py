@@ -19,6 +19,7 @@ from grain_optax._src.metrics import metrics
 from grain_optax._src.min_norm_point import min_norm_point
 from grain_optax._src.min_norm_point import MinNormPoint
 from grain_optax._src.nnx import nnx_group_value_and_grad
+from grain_optax._src.row_sparse import RowSparse
 from grain_optax._src.solvers import kkt_residual
 from grain_optax._src.solvers import min_norm_weights
 from grain_optax._src.solvers import MinNormSolution
@@ -49,6 +50,7 @@ __all__ = (
     'MinNormPoint',
     'MinNormSolution',
     'nnx_group_value_and_grad',
+    'RowSparse',
     'SOLVERS',
     'SolverOptions',
     'split_into_groups',

@@ -5,6 +5,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from grain_optax._src import row_sparse
 from grain_optax._src import validation
 
 
@@ -19,7 +20,8 @@ def combine(per_group: Any, weights: jax.typing.ArrayLike) -> Any:
   infinity, so excluded groups cannot poison the result.
 
   Args:
-    per_group: a pytree whose leaves all have shape ``[m, *param_shape]``.
+    per_group: a pytree whose leaves all have shape ``[m, *param_shape]``,
+      or are :class:`RowSparse` (each gives a dense table).
     weights: an ``[m]`` array, typically from :func:`min_norm_weights`.
 
   Returns:
@@ -35,13 +37,30 @@ def combine(per_group: Any, weights: jax.typing.ArrayLike) -> Any:
     >>> grain_optax.combine(g, jnp.array([0.5, 0.5]))
     {'w': Array([0.5, 0.5], dtype=float32)}
   """
-  m = validation.group_count(per_group)
+  leaves, treedef = jax.tree_util.tree_flatten(
+      per_group, is_leaf=row_sparse.is_row_sparse)
+  for x in leaves:
+    if row_sparse.is_row_sparse(x):
+      row_sparse.check(x, 'RowSparse', 'grain_optax.combine')
+  m = validation.group_count(
+      [jax.ShapeDtypeStruct(x.shape, x.dtype) if row_sparse.is_row_sparse(x)
+       else x for x in leaves])
   weights = jnp.asarray(weights)
   if weights.shape != (m,):
     raise ValueError(
         f'grain_optax.combine: weights have shape {weights.shape}, but the '
         f'per-group tree has {m} groups; expected shape ({m},).')
-  return weighted_sum(per_group, weights)
+  if not any(row_sparse.is_row_sparse(x) for x in leaves):
+    return weighted_sum(per_group, weights)
+  dense = [i for i, x in enumerate(leaves)
+           if not row_sparse.is_row_sparse(x)]
+  out = list(leaves)
+  for i, x in zip(dense, weighted_sum([leaves[i] for i in dense], weights)):
+    out[i] = x
+  for i, x in enumerate(leaves):
+    if row_sparse.is_row_sparse(x):
+      out[i] = row_sparse.combination(x, weights)
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def weighted_sum(per_group: Any, weights: jax.Array,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from grain_optax._src import axes as axes_lib
 from grain_optax._src import gram_kernel
 from grain_optax._src import kernel_probe
+from grain_optax._src import row_sparse
 from grain_optax._src import validation
 
 
@@ -216,7 +217,8 @@ def gram_matrix(per_group: Any, *,
   K_{\text{replicated}}` (leaves that do not vary over it count once).
 
   Args:
-    per_group: a pytree whose leaves all have shape ``[m, *param_shape]``.
+    per_group: a pytree whose leaves all have shape ``[m, *param_shape]``,
+      or are :class:`RowSparse` (their Gram is taken on the rows they touch).
     param_axis_name: inside ``jax.shard_map`` (with ``check_vma=True``, the
       default), the axis or tuple of axes the parameters are sharded over.
 
@@ -238,6 +240,24 @@ def gram_matrix(per_group: Any, *,
     Array([[2., 1.],
            [1., 5.]], dtype=float32)
   """
+  leaves = jax.tree_util.tree_leaves(per_group,
+                                     is_leaf=row_sparse.is_row_sparse)
+  sparse = [x for x in leaves if row_sparse.is_row_sparse(x)]
+  if sparse:
+    # RowSparse leaves (tables read by row lookups): their Gram on the rows
+    # they touch, plus the dense leaves' (one device).
+    dense = [x for x in leaves if not row_sparse.is_row_sparse(x)]
+    for x in sparse:
+      row_sparse.check(x, 'RowSparse', 'grain_optax.gram_matrix')
+    validation.group_count(
+        [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in sparse] + dense)
+    if param_axis_name is not None:
+      raise ValueError('grain_optax.gram_matrix: RowSparse leaves are for '
+                       'one device; param_axis_name cannot be given.')
+    grams = [row_sparse.gram(x) for x in sparse]
+    if dense:
+      grams.append(gram_of_leaves(dense))
+    return total(grams)
   validation.group_count(per_group)
   axes = axes_lib.axes_tuple(param_axis_name, 'param_axis_name')
   if axes and not axes_lib.is_bound(axes):

@@ -31,6 +31,7 @@ from grain_optax._src import combine as combine_lib
 from grain_optax._src import distributed
 from grain_optax._src import gram as gram_lib
 from grain_optax._src import plan as plan_lib
+from grain_optax._src import row_sparse
 from grain_optax._src import solvers
 from grain_optax._src import state as state_lib
 from grain_optax._src import validation
@@ -123,6 +124,11 @@ def run(per_group: Any, options: solvers.SolverOptions, *,
       updates, a group count other than ``num_groups``, or a ``group_mask``
       of the wrong shape.
   """
+  if any(row_sparse.is_row_sparse(x) for x in jax.tree_util.tree_leaves(
+      per_group, is_leaf=row_sparse.is_row_sparse)):
+    raise ValueError(
+        f'{caller}: RowSparse per-group updates (row_sparse=True) are taken '
+        'by grain() on one device; pass dense per-group gradients here.')
   leaves, treedef = jax.tree_util.tree_flatten(per_group)
   local = leaves[0].shape[0]
   plan = (None if placement is None
