@@ -37,21 +37,17 @@ def combine(per_group: Any, weights: jax.typing.ArrayLike) -> Any:
     >>> grain_optax.combine(g, jnp.array([0.5, 0.5]))
     {'w': Array([0.5, 0.5], dtype=float32)}
   """
-  leaves, treedef = jax.tree_util.tree_flatten(
-      per_group, is_leaf=row_sparse.is_row_sparse)
-  for x in leaves:
-    if row_sparse.is_row_sparse(x):
-      row_sparse.check(x, 'RowSparse', 'grain_optax.combine')
-  m = validation.group_count(
-      [jax.ShapeDtypeStruct(x.shape, x.dtype) if row_sparse.is_row_sparse(x)
-       else x for x in leaves])
+  view, any_sparse = row_sparse.dense_view(per_group, 'grain_optax.combine')
+  m = validation.group_count(view)
   weights = jnp.asarray(weights)
   if weights.shape != (m,):
     raise ValueError(
         f'grain_optax.combine: weights have shape {weights.shape}, but the '
         f'per-group tree has {m} groups; expected shape ({m},).')
-  if not any(row_sparse.is_row_sparse(x) for x in leaves):
+  if not any_sparse:
     return weighted_sum(per_group, weights)
+  leaves, treedef = jax.tree_util.tree_flatten(
+      per_group, is_leaf=row_sparse.is_row_sparse)
   dense = [i for i, x in enumerate(leaves)
            if not row_sparse.is_row_sparse(x)]
   out = list(leaves)

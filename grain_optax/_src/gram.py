@@ -240,21 +240,20 @@ def gram_matrix(per_group: Any, *,
     Array([[2., 1.],
            [1., 5.]], dtype=float32)
   """
-  leaves = jax.tree_util.tree_leaves(per_group,
-                                     is_leaf=row_sparse.is_row_sparse)
-  sparse = [x for x in leaves if row_sparse.is_row_sparse(x)]
-  if sparse:
+  view, any_sparse = row_sparse.dense_view(per_group,
+                                          'grain_optax.gram_matrix')
+  if any_sparse:
     # RowSparse leaves (tables read by row lookups): their Gram on the rows
     # they touch, plus the dense leaves' (one device).
-    dense = [x for x in leaves if not row_sparse.is_row_sparse(x)]
-    for x in sparse:
-      row_sparse.check(x, 'RowSparse', 'grain_optax.gram_matrix')
-    validation.group_count(
-        [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in sparse] + dense)
+    validation.group_count(view)
     if param_axis_name is not None:
       raise ValueError('grain_optax.gram_matrix: RowSparse leaves are for '
                        'one device; param_axis_name cannot be given.')
-    grams = [row_sparse.gram(x) for x in sparse]
+    leaves = jax.tree_util.tree_leaves(per_group,
+                                       is_leaf=row_sparse.is_row_sparse)
+    dense = [x for x in leaves if not row_sparse.is_row_sparse(x)]
+    grams = [row_sparse.gram(x) for x in leaves
+             if row_sparse.is_row_sparse(x)]
     if dense:
       grams.append(gram_of_leaves(dense))
     return total(grams)

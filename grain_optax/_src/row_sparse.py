@@ -20,10 +20,12 @@ into a single table, as the mean's backward pass writes its one table. Both
 are exact: the same sums as on the dense tables, in another order.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from grain_optax._src import validation
 
 
 @jax.tree_util.register_pytree_node_class
@@ -97,6 +99,22 @@ def check(x: RowSparse, name: str, caller: str) -> None:
   if problem:
     raise ValueError(f'{caller}: the RowSparse update of leaf {name}: '
                      f'{problem}.')
+
+
+def dense_view(tree: Any, caller: str) -> Tuple[Any, bool]:
+  """``tree`` with every :class:`RowSparse` leaf checked and replaced by the
+  ``ShapeDtypeStruct`` of its dense per-group tables (for the checks that
+  name leaves), and whether there was one."""
+  found, treedef = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=is_row_sparse)
+  out, any_sparse = [], False
+  for path, leaf in found:
+    if is_row_sparse(leaf):
+      check(leaf, validation.leaf_name(path), caller)
+      leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+      any_sparse = True
+    out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out), any_sparse
 
 
 def _flat(x: RowSparse):

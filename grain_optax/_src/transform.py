@@ -52,22 +52,6 @@ def _scatter(flags: Sequence[bool], updates: Any, params: Any,
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _dense_view(updates: Any, caller: str) -> Tuple[Any, bool]:
-  """``updates`` with every :class:`RowSparse` leaf checked and replaced by
-  the ``ShapeDtypeStruct`` of its dense per-group tables (for the checks),
-  and whether there was one."""
-  found, treedef = jax.tree_util.tree_flatten_with_path(
-      updates, is_leaf=row_sparse.is_row_sparse)
-  out, any_sparse = [], False
-  for path, leaf in found:
-    if row_sparse.is_row_sparse(leaf):
-      row_sparse.check(leaf, validation.leaf_name(path), caller)
-      leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-      any_sparse = True
-    out.append(leaf)
-  return jax.tree_util.tree_unflatten(treedef, out), any_sparse
-
-
 def _run_row_sparse(updates: Any, params: Any, flags: Optional[List[bool]],
                     options: solvers.SolverOptions, **run_args
                     ) -> Tuple[Any, mnp_lib.Step]:
@@ -326,7 +310,7 @@ def grain(
     del extra_args
     validation.check_not_masked(updates, caller)
     validation.check_not_in_conditional(caller)
-    view, any_sparse = _dense_view(updates, caller)
+    view, any_sparse = row_sparse.dense_view(updates, caller)
     validation.group_count(view)
     if params is not None:
       validation.check_matches_params(view, params)
