@@ -190,3 +190,24 @@ def test_clamped_lookups_take_the_clamped_rows():
   assert isinstance(got, grain_optax.RowSparse)
   np.testing.assert_allclose(row_sparse.densify(got),
                              dense['table'].get_value())
+
+
+def test_group_value_and_grad_row_sparse_with_chunks():
+  rng = np.random.default_rng(4)
+  params = {'table': jnp.asarray(rng.normal(size=(20, 4)), jnp.float32),
+            'w': jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+  batch = jnp.asarray(rng.integers(0, 20, (6, 5)))
+
+  def loss(p, ids):
+    return jnp.mean(jnp.tanh(p['table'][ids] @ p['w']))
+
+  for chunk in (None, 2):
+    losses, dense = grain_optax.group_value_and_grad(
+        loss, 3, chunk_size=chunk)(params, batch)
+    sparse_losses, sparse = grain_optax.group_value_and_grad(
+        loss, 3, chunk_size=chunk, row_sparse=True)(params, batch)
+    np.testing.assert_allclose(sparse_losses, losses, rtol=1e-6)
+    assert isinstance(sparse['table'], grain_optax.RowSparse)
+    np.testing.assert_allclose(row_sparse.densify(sparse['table']),
+                               dense['table'], atol=1e-6)
+    np.testing.assert_allclose(sparse['w'], dense['w'], rtol=1e-6)

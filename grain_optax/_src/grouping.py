@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from grain_optax._src import backward_dtype
 from grain_optax._src import reductions
+from grain_optax._src import row_lookups
 from grain_optax._src import validation
 
 
@@ -143,6 +144,7 @@ def group_value_and_grad(
     example_mask: Optional[Callable[..., Any]] = None,
     grad_dtype: str = 'backward',
     split_sums: Union[bool, str] = 'auto',
+    row_sparse: bool = False,
 ) -> Callable[..., Any]:
   r"""Per-group losses and gradients of ``loss_fn`` by ``vmap``.
 
@@ -201,6 +203,12 @@ def group_value_and_grad(
       are. The gradients are the same up
       to float rounding (float32 accumulation); ``False`` runs the backward
       pass exactly as JAX traces it.
+    row_sparse: give each differentiated leaf that ``loss_fn`` reads only by
+      row lookups (``table[ids]``, ``jnp.take(table, ids, axis=0)``, looked
+      through casts and ``jax.jit`` calls) its per-group gradient as a
+      :class:`RowSparse` (the looked-up rows' gradients and their ids)
+      instead of ``m`` dense tables, which :func:`grain` takes on one device
+      (see :func:`nnx_group_value_and_grad`). Default False.
 
   Returns:
     A function with the signature of ``loss_fn`` returning
@@ -280,13 +288,34 @@ def group_value_and_grad(
     dtypes = [jnp.result_type(x) for x in leaves]
     return tuple(with_diff(args, narrow, treedef)), (dtypes, treedef)
 
+  def by_rows(loss, dense_grad_of):
+    """``dense_grad_of`` with the tables read only by row lookups
+    differentiated as rows (``RowSparse``; see ``row_lookups``)."""
+    def grad_of(*args, **kwargs):
+      leaves, treedef = jax.tree_util.tree_flatten(
+          tuple(args[i] for i in diff_args))
+
+      def pure(leaves):
+        out = loss(*with_diff(args, leaves, treedef), **kwargs)
+        return out if has_aux else (out, None)
+
+      found = row_lookups.value_and_grad(pure, leaves)
+      if found is None:
+        return dense_grad_of(*args, **kwargs)
+      (value, aux), grads = found
+      grads = jax.tree_util.tree_unflatten(treedef, grads)
+      if isinstance(argnums, int):
+        grads = grads[0]
+      return ((value, aux) if has_aux else value), grads
+    return grad_of
+
   def wrapped(*args, **kwargs):
     enough_positional(batch_idx, batch_argnums, args, 'grain_optax')
     groups = tuple(split_into_groups(args[i], num_groups) for i in batch_idx)
     wide = None
     if grad_dtype == 'backward':
       args, wide = narrowed_args(args, kwargs, groups)
-    grad_of = value_and_grad
+    grad_of, this_loss = value_and_grad, loss_fn
     if wide is not None:
       # Differentiate the narrow copies, but run the loss on them cast back
       # to the params' own dtypes: the loss computes exactly what it
@@ -301,6 +330,9 @@ def group_value_and_grad(
 
       grad_of = jax.value_and_grad(loss_on_wide, argnums=argnums,
                                    has_aux=has_aux)
+      this_loss = loss_on_wide
+    if row_sparse:
+      grad_of = by_rows(this_loss, grad_of)
 
     def one_group(group_batches):
       return grad_of(*with_batches(args, batch_idx, group_batches), **kwargs)
