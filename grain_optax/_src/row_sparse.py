@@ -46,6 +46,23 @@ class RowSparse:
     rows: ``[m, n, *row_shape]`` the gradient rows (cotangents of the looked
       up rows), floating.
     num_rows: the number of rows of the table, a Python int (static).
+
+  Example:
+    Two groups, each looking up two rows of a ``4 x 1`` table (group 1
+    twice the same row):
+
+    >>> import jax.numpy as jnp
+    >>> import grain_optax
+    >>> g = grain_optax.RowSparse(jnp.array([[0, 2], [2, 2]]),
+    ...                           jnp.array([[[1.], [1.]], [[1.], [2.]]]), 4)
+    >>> grain_optax.gram_matrix({'table': g})
+    Array([[2., 3.],
+           [3., 9.]], dtype=float32)
+    >>> grain_optax.combine({'table': g}, jnp.array([0.5, 0.5]))['table']
+    Array([[0.5],
+           [0. ],
+           [2. ],
+           [0. ]], dtype=float32)
   """
 
   def __init__(self, ids: Any, rows: Any, num_rows: int):
