@@ -141,8 +141,8 @@ def value_and_grad(fun: Callable[..., Any], leaves: Sequence[Any],
   The gradient is taken with respect to ``leaves`` (a list of arrays); a
   leaf read only by row lookups gets a :class:`RowSparse` (its ``ids`` and
   ``rows`` flattened over all its lookups, ``[n]`` and ``[n, *row_shape]``,
-  the rows in the leaf's dtype) instead of a dense array. None when no leaf is such a table (the caller
-  then differentiates as usual).
+  the rows in the leaf's dtype) instead of a dense array. None when no
+  leaf is such a table (the caller then differentiates as usual).
   """
   closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(
       list(leaves), *args)

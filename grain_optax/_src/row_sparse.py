@@ -79,7 +79,7 @@ class RowSparse:
 
   @property
   def shape(self):
-    """``[m, num_rows, *row_shape]``: the shape of the dense per-group tables."""
+    """``[m, num_rows, *row_shape]``, the dense per-group tables' shape."""
     return (self.rows.shape[0], self.num_rows) + tuple(self.rows.shape[2:])
 
   @property
