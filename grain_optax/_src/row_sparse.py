@@ -165,9 +165,14 @@ def gram(x: RowSparse) -> jax.Array:
                        return_inverse=True)
   compact = jnp.zeros((m, size, rows.shape[-1]), jnp.float32)
   compact = compact.at[group, slot.reshape(-1)].add(rows)
-  return jnp.einsum('gur,hur->gh', compact, compact,
-                    precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)
+  # One [m, m] product per row, summed: a batched dot, where one [m, U R]
+  # dot would be the skinny product XLA runs on few GPU blocks (gram.py,
+  # blocked_gram).
+  partial = jax.lax.dot_general(
+      compact, compact, (((2,), (2,)), ((1,), (1,))),
+      precision=jax.lax.Precision.HIGHEST,
+      preferred_element_type=jnp.float32)
+  return jnp.sum(partial, axis=0)
 
 
 def combination(x: RowSparse, coefficients: jax.Array,
