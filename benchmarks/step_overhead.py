@@ -27,6 +27,7 @@ summary as the last line of stdout).
 import argparse
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,11 @@ def _parse(argv=None):
   p.add_argument('--json', default=None, help='append JSON lines here')
   p.add_argument('--dump_hlo', default=None,
                  help='write the optimised HLO of every step to this folder')
+  p.add_argument('--lowered_for', default=None, metavar='PLATFORM',
+                 help='run nothing: lower every step for PLATFORM (cuda works '
+                 'on a CPU-only machine) and write its StableHLO, source '
+                 'locations stripped, to the --dump_hlo folder, so that two '
+                 'commits can be compared with diff')
   return p.parse_args(argv)
 
 
@@ -202,6 +208,21 @@ def main(argv=None):
 
   rows = []
   runs = [('mean', 1)] + [(mode, m) for m in args.groups for mode in args.modes]
+  if args.lowered_for:
+    if not args.dump_hlo:
+      raise SystemExit('--lowered_for needs --dump_hlo FOLDER')
+    os.makedirs(args.dump_hlo, exist_ok=True)
+    for kind, m in runs:
+      step, tx = _gpt.make_step(kind, loss_fn, m, solver=args.solver)
+      text = step.trace(params, jax.eval_shape(tx.init, params), batch).lower(
+          lowering_platforms=(args.lowered_for,)).as_text()
+      text = re.sub(r'loc\([^)]*\)|#loc[0-9]*', '', text)
+      name = ''.join(c if c.isalnum() else '-' for c in kind)
+      path = os.path.join(args.dump_hlo, f'{name}_m{m}.{args.lowered_for}.mlir')
+      with open(path, 'w') as f:
+        f.write(text)
+      print(f'{path}: {text.count(chr(10))} lines')
+    return []
   base = None
   for kind, m in runs:
     step, tx = _gpt.make_step(kind, loss_fn, m, solver=args.solver)
