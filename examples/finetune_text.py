@@ -283,6 +283,11 @@ def parse_args(argv=None):
                  help='few-shot sample, head init, dropout and batch order')
   p.add_argument('--dtype', choices=tuple(DTYPES), default='float32',
                  help='compute dtype (parameters are float32)')
+  p.add_argument('--row-sparse', action='store_true',
+                 help="GRAIN: the word embedding's per-group gradients as the "
+                 'rows the batch looked up (grain_optax.RowSparse), not m '
+                 'dense tables; faster full fine-tuning, most in float32 '
+                 '(same update to float32 rounding)')
   p.add_argument('--layers', type=int, default=None,
                  help='use only the first pretrained layers (default all 6)')
   p.add_argument('--dropout', type=float, default=0.1)
@@ -345,7 +350,8 @@ def main(argv=None):
       accumulate=args.accumulate, lr=args.lr, total_steps=total_steps,
       optimizer=args.optimizer)
   step, state, to_nnx = make_train_step(model, optimizer, method=args.method,
-                                        groups=args.groups)
+                                        groups=args.groups,
+                                        row_sparse=args.row_sparse)
   trainable = minilm.count_params(model, model.trainable())
   total = minilm.count_params(model)
   frozen_filter = nnx.All(nnx.Param, nnx.Not(model.trainable()))

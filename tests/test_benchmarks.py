@@ -113,15 +113,17 @@ def test_command_buffers_lowered_for_cuda_tiny(tmp_path):
 
 def test_finetune_step_time_tiny(tmp_path):
   # The issue-23 harness: the mean and GRAIN with the metrics carried in the
-  # donated state, fixed and streamed batches, one JSON line per row.
+  # donated state, fixed and streamed batches, the garbage collector frozen,
+  # one JSON line per row.
   out = tmp_path / 'fst.jsonl'
   rows = _module('finetune_step_time').main(
       ['--tiny', '--modes', 'lora', '--metrics-in-state', '--feed',
-       'fixed,stream', '--json', str(out)])
+       'fixed,stream', '--gc', 'frozen', '--json', str(out)])
   assert [(r['method'], r['groups']) for r in rows] == [('mean', 1),
                                                         ('grain', 2)]
   for row in rows:
     assert row['metrics_in_state'] and row['mode'] == 'lora'
+    assert row['gc'] == 'frozen'
     assert set(row['ms_per_step_by_feed']) == {'fixed', 'stream'}
     assert all(t > 0 for t in row['ms_per_step_repeats'])
     assert row['loss'] == row['loss'] and 0 < row['loss'] < 10

@@ -72,10 +72,11 @@ def cheap_compilation():
 
 
 # Two optimizer steps each, on the first pretrained layer (--tiny). Full
-# fine-tuning with GRAIN; LoRA with GRAIN within and across 2 micro-batches
+# fine-tuning with GRAIN (the embedding's group gradients as rows); LoRA with GRAIN within and across 2 micro-batches
 # (accumulate), checkpointed with orbax and restored.
 @pytest.mark.parametrize('extra', [
-    ['--max-steps', '2', '--optimizer', 'sgdm', '--noise', '0.5'],
+    ['--max-steps', '2', '--optimizer', 'sgdm', '--noise', '0.5',
+     '--row-sparse'],
     ['--lora-rank', '4', '--accumulate', '2', '--max-steps', '4',
      '--checkpoint-dir', 'tmp'],
 ], ids=['full-sgdm-noisy', 'lora-accumulate-checkpoint'])
