@@ -219,8 +219,8 @@ def main(argv=None):
       for feed in args.feed:
         config['per_step'][feed].append(time_repeat(config, args.steps, feed))
   timing_s = time.perf_counter() - timing_start
-  # Collections of each generation during the timed repeats (a full one,
-  # generation 2, takes tens of ms with JAX's compiled programs alive).
+  # Collections of each generation during the timed repeats (a collection
+  # landing in one repeat would show as that repeat's outlier).
   collections = [g['collections'] - b
                  for g, b in zip(gc.get_stats(), before)]
   if args.gc == 'frozen':
