@@ -73,7 +73,8 @@ def cheap_compilation():
 
 # Two optimizer steps each, on the first pretrained layer (--tiny). Full
 # fine-tuning with GRAIN (the embedding's group gradients as rows); LoRA
-# with GRAIN within and across 2 micro-batches (accumulate), checkpointed with orbax and restored.
+# with GRAIN within and across 2 micro-batches (accumulate), checkpointed
+# with orbax and restored.
 @pytest.mark.parametrize('extra', [
     ['--max-steps', '2', '--optimizer', 'sgdm', '--noise', '0.5',
      '--row-sparse'],
