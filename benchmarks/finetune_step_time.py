@@ -47,7 +47,8 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=method, groups=groups,
       flat=not args.nnx_state, keep_unused=args.keep_unused,
-      stats_in_metrics=args.stats == 'metrics',
+      stats_in_metrics=args.stats != 'state',
+      pack_metrics=args.stats == 'packed',
       metrics_in_state=args.metrics_in_state, row_sparse=row_sparse)
   rng = np.random.default_rng(0)
   # Token ids past the special tokens, every position a real token. A pool
@@ -123,8 +124,10 @@ def finish_row(config, args):
       ms_per_step_by_feed={f: statistics.median(t) for f, t in feeds.items()},
       ms_repeats_by_feed=feeds,
       loss=float(config['state'][-len(finetune_text.metric_names(
-          row['method'], args.stats == 'metrics'))]
-                 if args.metrics_in_state else config['metrics']['loss']))
+          row['method'], args.stats != 'state'))]
+                 if args.metrics_in_state else
+                 config['metrics']['packed'][0] if args.stats == 'packed'
+                 else config['metrics']['loss']))
   return row
 
 

@@ -45,9 +45,11 @@ def add_aliasing_arguments(p):
   p.add_argument('--metrics-in-state', action='store_true',
                  help='the metrics travel in the donated state (every output '
                  'of the step aliased to a donated input)')
-  p.add_argument('--stats', choices=('metrics', 'state'), default='metrics',
+  p.add_argument('--stats', choices=('metrics', 'state', 'packed'),
+                 default='metrics',
                  help="GRAIN's logged cosines as outputs of the step "
-                 "('metrics') or read from the donated state ('state')")
+                 "('metrics'), read from the donated state ('state'), or "
+                 "outputs stacked with the loss into one vector ('packed')")
 
 
 def add_step_arguments(p):
@@ -89,7 +91,8 @@ def build(args, *, donate=None):
       model, optimizer, method=args.method, groups=args.groups,
       flat=not args.nnx_state, donate=donate, keep_unused=args.keep_unused,
       metrics_in_state=args.metrics_in_state,
-      stats_in_metrics=args.stats == 'metrics')
+      stats_in_metrics=args.stats != 'state',
+      pack_metrics=args.stats == 'packed')
   rng = np.random.default_rng(0)
   data = {
       'input_ids': rng.integers(1000, 30000,

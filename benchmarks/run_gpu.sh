@@ -84,7 +84,7 @@ for stage in $STAGES; do
   echo "=== $stage rc=$rc $(date -u +%T)" | tee -a "$OUT/log.txt"
   if [ "$stage" = check ] && [ "$rc" != 0 ]; then
     echo "kernel check failed: exact solver under XLA from here on" | tee -a "$OUT/log.txt"
-    export GRAIN_EXACT_BACKEND=xla
+    export GRAIN_OPTAX_EXACT_BACKEND=xla
   fi
 done
 if [ -d /tmp/grain_hlo ]; then tar czf "$OUT/hlo.tar.gz" -C /tmp grain_hlo; fi

@@ -103,7 +103,8 @@ def make_optimizer(model, *, method, groups, accumulate, lr, total_steps,
 
 def make_train_step(model, optimizer, *, method, groups, donate=None,
                     flat=True, keep_unused=False, stats_in_metrics=True,
-                    metrics_in_state=False, row_sparse=False):
+                    metrics_in_state=False, pack_metrics=False,
+                    row_sparse=False):
   """A jitted functional step ``(state, batch) -> (state, metrics)``.
 
   Returns ``(step, state, to_nnx)``. With ``flat=True`` (the fast pattern
@@ -136,9 +137,16 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
   the step is then aliased to a donated input, so no output lands in a fresh
   buffer on each call (a moved buffer makes XLA re-record the step's CUDA
   graph on a GPU; see ``benchmarks/command_buffers.py``).
+
+  With ``pack_metrics=True`` ``metrics`` is ``{'packed': v}``: one float32
+  vector holding the metrics in the order of :func:`metric_names`, so that
+  the step has one output outside the state however many metrics it logs
+  (one fresh buffer a call, as the mean's step with its loss alone).
   """
   if metrics_in_state and not flat:
     raise ValueError('metrics_in_state=True needs flat=True')
+  if metrics_in_state and pack_metrics:
+    raise ValueError('choose metrics_in_state or pack_metrics, not both')
   names = metric_names(method, stats_in_metrics)
   wrt = model.trainable()
   grouped = method in ('grain', 'monitor')
@@ -171,6 +179,9 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
       state = jax.tree_util.tree_leaves(state)
     if metrics_in_state:
       return state + [metrics[n].astype(jnp.float32) for n in names], {}
+    if pack_metrics:
+      return state, {'packed': jnp.stack(
+          [metrics[n].astype(jnp.float32) for n in names])}
     return state, metrics
 
   if donate is None:

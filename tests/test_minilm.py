@@ -102,39 +102,54 @@ def test_finetune_text_tiny_runs_end_to_end(extra, capsys, cheap_compilation):
 
 
 @pytest.mark.parametrize('method', ['mean', 'grain'])
-def test_train_step_with_metrics_in_the_state_aliases_every_output(
+def test_train_step_with_metrics_in_the_state_or_packed_computes_the_same(
     method, cheap_compilation):
-  # The fast pattern for short GPU steps (docs/guides/performance.md): with
+  # The fast patterns for short GPU steps (docs/guides/performance.md): with
   # the metrics carried in the donated state, every output of the jitted step
-  # reuses a donated input's buffer, and the step computes what the default
-  # step computes.
+  # reuses a donated input's buffer; packed, they are one vector, the step's
+  # only output outside the state. Both compute what the default step does.
   del cheap_compilation
   import jax  # pylint: disable=g-import-not-at-top
   finetune = load_example('finetune_text')
   batch = {'input_ids': np.full((4, 8), 1000, np.int32),
            'attention_mask': np.ones((4, 8), np.int32),
            'labels': np.arange(4, dtype=np.int32) % 5}
-  losses = []
-  for carried in (False, True):
+  names = finetune.metric_names(method)
+  values = {}
+  for how in ('outputs', 'carried', 'packed'):
     model = finetune.build_model(5, lora_rank=4, seed=0, num_layers=1)
     optimizer = finetune.make_optimizer(
         model, method=method, groups=2, accumulate=1, lr=1e-3, total_steps=10)
     step, state, to_nnx = finetune.make_train_step(
         model, optimizer, method=method, groups=2, donate=True,
-        metrics_in_state=carried)
+        metrics_in_state=how == 'carried', pack_metrics=how == 'packed')
     main = next(line for line in
                 step.lower(state, batch).as_text().splitlines()
                 if 'func.func public @main' in line)
     outputs = len(jax.tree_util.tree_leaves(jax.eval_shape(step, state,
                                                            batch)))
-    if carried:
-      assert main.count('tf.aliasing_output') == outputs
+    state_leaves = len(jax.tree_util.tree_leaves(state))
+    if how == 'carried':
+      assert main.count('tf.aliasing_output') == outputs == state_leaves
+    if how == 'packed':
+      assert outputs == state_leaves + 1
     state, metrics = step(state, batch)
-    names = finetune.metric_names(method)
-    losses.append(float(state[-len(names)]) if carried
-                  else float(metrics['loss']))
+    if how == 'outputs':
+      assert sorted(metrics) == sorted(names)
+      values[how] = [float(metrics[n]) for n in names]
+    elif how == 'carried':
+      assert metrics == {}
+      values[how] = [float(v) for v in state[-len(names):]]
+    else:
+      assert list(metrics) == ['packed']
+      assert metrics['packed'].shape == (len(names),)
+      values[how] = [float(v) for v in metrics['packed']]
     assert to_nnx(state) is not None
-  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+  np.testing.assert_allclose(values['carried'], values['outputs'], rtol=1e-6)
+  np.testing.assert_allclose(values['packed'], values['outputs'], rtol=1e-6)
+  with pytest.raises(ValueError, match='not both'):
+    finetune.make_train_step(model, optimizer, method=method, groups=2,
+                             metrics_in_state=True, pack_metrics=True)
 
 
 @pytest.mark.parametrize('num_classes', [2, 5])
