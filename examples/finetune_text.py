@@ -360,9 +360,13 @@ def main(argv=None):
       model, method=args.method, groups=args.groups,
       accumulate=args.accumulate, lr=args.lr, total_steps=total_steps,
       optimizer=args.optimizer)
+  # The metrics as one vector: one fresh output a step, however many are
+  # logged (docs/guides/performance.md, "Short steps").
   step, state, to_nnx = make_train_step(model, optimizer, method=args.method,
                                         groups=args.groups,
-                                        row_sparse=args.row_sparse)
+                                        row_sparse=args.row_sparse,
+                                        pack_metrics=True)
+  names = metric_names(args.method)
   trainable = minilm.count_params(model, model.trainable())
   total = minilm.count_params(model)
   frozen_filter = nnx.All(nnx.Param, nnx.Not(model.trainable()))
@@ -379,10 +383,11 @@ def main(argv=None):
   train_start = time.perf_counter()
   for i in bar:
     state, metrics = step(state, next(stream))
-    history.append(metrics)
+    history.append(metrics['packed'])
     if (i + 1) % args.log_every == 0 or i + 1 == micro_batches:
-      bar.set_postfix({k: f'{float(v):+.3f}' if k != 'loss' else
-                       f'{float(v):.3f}' for k, v in metrics.items()})
+      values = np.asarray(metrics['packed'])
+      bar.set_postfix({k: f'{v:+.3f}' if k != 'loss' else f'{v:.3f}'
+                       for k, v in zip(names, values)})
   jax.block_until_ready(state)
   train_time = time.perf_counter() - train_start
   nnx.update((model, optimizer), to_nnx(state))
@@ -390,7 +395,8 @@ def main(argv=None):
   predict = make_predict(model, args.eval_batch, args.max_len)
   val_acc = float(np.mean(predict(validation[0]) == validation[1]))
   test_acc = float(np.mean(predict(test[0]) == test[1]))
-  history = {k: np.array([float(h[k]) for h in history]) for k in history[0]}
+  history = dict(zip(names, np.stack([np.asarray(h) for h in history],
+                                      axis=1).astype(np.float64)))
   opt_steps = micro_batches // args.accumulate
   result = {
       'task': args.task, 'method': args.method, 'groups': args.groups,
