@@ -28,7 +28,12 @@ PY=${PY:-python3}
 # profile), short_state (the same with the metrics carried in the donated
 # state), short_fp32 (fp32 compute), cbuf (XLA's command-buffer log of one
 # mean step, GRAIN LoRA steps with the metrics in the state and as outputs,
-# and a GRAIN full step: which graph updates happen per call).
+# and a GRAIN full step: which graph updates happen per call), short_packed
+# (bf16 full fine-tuning with the metrics packed into one output vector),
+# hprof (host_profile.py of the bf16 full step at m = 4: the mean, GRAIN with
+# its metrics as outputs, GRAIN packed), cbuf_hlo (XLA's command-buffer log
+# and the compiled HLO of GRAIN's bf16 full step, metrics as outputs and
+# packed, under $OUT/hlo_*.txt).
 # suite: the whole test suite on this GPU (6 workers), its log in suite.txt.
 STAGES=${STAGES:-"check step qp peer step2 memory"}
 SHORT_ARGS=${SHORT_ARGS:-"--modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 5 --feed fixed,stream --profile"}
@@ -39,6 +44,7 @@ MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
 PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
 declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150
                   [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=200
+                  [short_packed]=200 [hprof]=240 [cbuf_hlo]=150
                   [suite]=420)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 {
@@ -74,6 +80,9 @@ for stage in $STAGES; do
     suite) cmd="$PY -m pytest -q -n 6 -p no:cacheprovider --durations=10 tests > $OUT/suite.txt 2>&1; tail -n 15 $OUT/suite.txt" ;;
     short) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --json $OUT/short.jsonl" ;;
     short_state) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --metrics-in-state --json $OUT/short_state.jsonl" ;;
+    short_packed) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --stats packed --json $OUT/short_packed.jsonl" ;;
+    hprof) cmd="for v in 'mean' 'grain' 'grain --stats packed'; do $PY benchmarks/host_profile.py --mode full --dtype bfloat16 --groups 4 --method \$v --label \"\$v\" --json $OUT/hprof.jsonl; done" ;;
+    cbuf_hlo) cmd="for s in metrics packed; do env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 $PY benchmarks/command_buffers.py --mode full --dtype bfloat16 --method grain --groups 4 --stats \$s --label \$s --json $OUT/cbuf_hlo.jsonl --dump-hlo $OUT/hlo_\$s.txt; done" ;;
     short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;
     cbuf) cmd="env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 bash -c '$PY benchmarks/command_buffers.py --mode lora --method mean --groups 1 --json $OUT/cbuf.jsonl; $PY benchmarks/command_buffers.py --mode lora --method grain --groups 4 --metrics-in-state --json $OUT/cbuf.jsonl; $PY benchmarks/command_buffers.py --mode lora --method grain --groups 4 --json $OUT/cbuf.jsonl; $PY benchmarks/command_buffers.py --mode full --method grain --groups 4 --json $OUT/cbuf.jsonl'" ;;
     *) echo "unknown stage $stage"; continue ;;
