@@ -46,10 +46,8 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
       total_steps=10_000)
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=method, groups=groups,
-      flat=not args.nnx_state, keep_unused=args.keep_unused,
-      stats_in_metrics=args.stats != 'state',
-      pack_metrics=args.stats == 'packed',
-      metrics_in_state=args.metrics_in_state, row_sparse=row_sparse)
+      flat=not args.nnx_state, row_sparse=row_sparse,
+      **host_profile.metrics_options(args))
   rng = np.random.default_rng(0)
   # Token ids past the special tokens, every position a real token. A pool
   # of distinct device batches for --feed stream (a training loop's batch
@@ -123,11 +121,8 @@ def finish_row(config, args):
       ms_per_step_repeats=feeds[args.feed[0]],
       ms_per_step_by_feed={f: statistics.median(t) for f, t in feeds.items()},
       ms_repeats_by_feed=feeds,
-      loss=float(config['state'][-len(finetune_text.metric_names(
-          row['method'], args.stats != 'state'))]
-                 if args.metrics_in_state else
-                 config['metrics']['packed'][0] if args.stats == 'packed'
-                 else config['metrics']['loss']))
+      loss=float(host_profile.step_loss(args, row['method'],
+                                        config['state'], config['metrics'])))
   return row
 
 

@@ -52,6 +52,25 @@ def add_aliasing_arguments(p):
                  "outputs stacked with the loss into one vector ('packed')")
 
 
+def metrics_options(args):
+  """``make_train_step``'s options for how the step returns its metrics,
+  from ``--keep-unused``, ``--metrics-in-state`` and ``--stats``."""
+  return {'keep_unused': args.keep_unused,
+          'metrics_in_state': args.metrics_in_state,
+          'stats_in_metrics': args.stats != 'state',
+          'pack_metrics': args.stats == 'packed'}
+
+
+def step_loss(args, method, state, metrics):
+  """The loss of the step's last call, wherever ``args`` put it."""
+  if args.metrics_in_state:
+    return state[-len(finetune_text.metric_names(method,
+                                                 args.stats != 'state'))]
+  if args.stats == 'packed':
+    return metrics['packed'][0]
+  return metrics['loss']
+
+
 def add_step_arguments(p):
   """The options of the step that :func:`build` makes, and the common ones.
 
@@ -89,10 +108,7 @@ def build(args, *, donate=None):
       total_steps=10_000)
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=args.method, groups=args.groups,
-      flat=not args.nnx_state, donate=donate, keep_unused=args.keep_unused,
-      metrics_in_state=args.metrics_in_state,
-      stats_in_metrics=args.stats != 'state',
-      pack_metrics=args.stats == 'packed')
+      flat=not args.nnx_state, donate=donate, **metrics_options(args))
   rng = np.random.default_rng(0)
   data = {
       'input_ids': rng.integers(1000, 30000,

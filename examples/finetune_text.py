@@ -177,12 +177,12 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
     state = nnx.state((model, optimizer))
     if flat:
       state = jax.tree_util.tree_leaves(state)
+    if not (metrics_in_state or pack_metrics):
+      return state, metrics
+    values = [metrics[n].astype(jnp.float32) for n in names]
     if metrics_in_state:
-      return state + [metrics[n].astype(jnp.float32) for n in names], {}
-    if pack_metrics:
-      return state, {'packed': jnp.stack(
-          [metrics[n].astype(jnp.float32) for n in names])}
-    return state, metrics
+      return state + values, {}
+    return state, {'packed': jnp.stack(values)}
 
   if donate is None:
     donate = jax.default_backend() != 'cpu'
@@ -395,7 +395,8 @@ def main(argv=None):
   predict = make_predict(model, args.eval_batch, args.max_len)
   val_acc = float(np.mean(predict(validation[0]) == validation[1]))
   test_acc = float(np.mean(predict(test[0]) == test[1]))
-  history = dict(zip(names, np.stack([np.asarray(h) for h in history],
+  # One transfer for the whole history.
+  history = dict(zip(names, np.stack(jax.device_get(history),
                                       axis=1).astype(np.float64)))
   opt_steps = micro_batches // args.accumulate
   result = {
