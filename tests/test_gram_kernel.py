@@ -5,6 +5,7 @@ the last test checks the compiled kernel inside ``gram_matrix``.
 """
 
 import dataclasses
+import re
 import warnings
 
 import jax
@@ -79,6 +80,19 @@ def test_kernel_config_is_a_frozen_value_passed_down():
                                      max_span=1024)):
     np.testing.assert_allclose(_leaf_gram(x, config), ref, rtol=2e-6,
                                atol=2e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize('change, says', [
+    ({'chunk': 0}, 'chunk must be a positive integer'),
+    ({'num_stages': 2.5}, 'num_stages must be a positive integer'),
+    ({'small': -1}, 'small must be a non-negative integer'),
+    ({'max_span': 3000}, 'max_span must be a power of two'),
+    ({'num_warps': 3}, 'num_warps must be a power of two'),
+    ({'min_span': 16384}, 'min_span (16384) is above max_span (8192)'),
+])
+def test_kernel_config_rejects_a_tuning_the_kernel_cannot_run(change, says):
+  with pytest.raises(ValueError, match=re.escape(says)):
+    dataclasses.replace(gram_kernel.DEFAULT, **change)
 
 
 def test_kernel_gram_of_a_mixed_tree_and_its_derivative():

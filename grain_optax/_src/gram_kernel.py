@@ -84,6 +84,25 @@ class KernelConfig:
   small: int = 1 << 16
   small_block: int = 2048
 
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+          or value < (0 if field.name == 'small' else 1)):
+        raise ValueError(
+            f'KernelConfig.{field.name} must be a '
+            f'{"non-negative" if field.name == "small" else "positive"} '
+            f'integer, got {value!r}.')
+    for name in ('chunk', 'max_span', 'min_span', 'num_warps'):
+      value = getattr(self, name)
+      if value & (value - 1):
+        raise ValueError(
+            f'KernelConfig.{name} must be a power of two, got {value}.')
+    if self.min_span > self.max_span:
+      raise ValueError(
+          f'KernelConfig.min_span ({self.min_span}) is above max_span '
+          f'({self.max_span}).')
+
 
 DEFAULT = KernelConfig()
 
