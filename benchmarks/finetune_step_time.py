@@ -92,6 +92,13 @@ def time_repeat(config, steps, feed):
   return (time.perf_counter() - start) / steps * 1e3
 
 
+def repeat_spread(times):
+  """The largest relative distance of a repeat from the repeats' median
+  (0.1: every repeat within 10 % of the median; issue 23's bar)."""
+  median = statistics.median(times)
+  return max(abs(t / median - 1) for t in times)
+
+
 def finish_row(config, args):
   """The row of one configuration, with its device profile if asked."""
   profile = {}
@@ -121,6 +128,8 @@ def finish_row(config, args):
       ms_per_step_repeats=feeds[args.feed[0]],
       ms_per_step_by_feed={f: statistics.median(t) for f, t in feeds.items()},
       ms_repeats_by_feed=feeds,
+      repeat_spread=repeat_spread(feeds[args.feed[0]]),
+      repeat_spread_by_feed={f: repeat_spread(t) for f, t in feeds.items()},
       loss=float(host_profile.step_loss(args, row['method'],
                                         config['state'], config['metrics'])))
   return row
@@ -238,7 +247,8 @@ def main(argv=None):
         f"{args.repeats} x {args.steps} steps, interleaved; batch fed "
         f"{args.feed[0]}")
   print(f"{'mode':<10}{'batch':>10}  {'method':<12}{'ms/step':>9}"
-        f"{'x mean':>8}{'compile s':>11}{'busy ms':>9}{'x mean':>8}"
+        f"{'x mean':>8}{'spread':>8}{'compile s':>11}{'busy ms':>9}"
+        f"{'x mean':>8}"
         + ''.join(f"{f + ' ms':>11}{'x mean':>8}" for f in args.feed[1:]))
   for row in rows:
     base = next(r for r in rows if r['mode'] == row['mode']
@@ -258,13 +268,18 @@ def main(argv=None):
                  if row['busy_ratio_to_mean'] else f"{'-':>9}{'-':>8}")
     print(f"{mode:<10}{row['batch']:>5} x {row['seq']:<3} {name:<12}"
           f"{row['ms_per_step']:>9.2f}{row['ratio_to_mean']:>8.2f}"
-          f"{row['compile_s']:>11.1f}{busy_cols}", end='')
+          f"{row['repeat_spread']:>7.0%}{row['compile_s']:>12.1f}{busy_cols}",
+          end='')
     for feed in args.feed[1:]:
       ms = row['ms_per_step_by_feed'][feed]
       ratio = ms / base['ms_per_step_by_feed'][feed]
       row.setdefault('ratio_to_mean_by_feed', {})[feed] = ratio
       print(f"{ms:>11.2f}{ratio:>8.2f}", end='')
     print()
+  spreads = [s for row in rows for s in row['repeat_spread_by_feed'].values()]
+  print(f"spread: the largest distance of a repeat from the median; "
+        f"{sum(s <= 0.1 for s in spreads)} of {len(spreads)} repeat sets "
+        f"(rows x feeds) within 10 %")
   if args.json:
     with open(args.json, 'w') as f:
       for row in rows:

@@ -127,5 +127,14 @@ def test_finetune_step_time_tiny(tmp_path):
     assert set(row['ms_per_step_by_feed']) == {'fixed', 'stream'}
     assert all(t > 0 for t in row['ms_per_step_repeats'])
     assert row['loss'] == row['loss'] and 0 < row['loss'] < 10
+    assert row['repeat_spread'] == 0  # one repeat: at its own median
   written = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r for r in written if 'mode' in r] == rows
+
+
+def test_finetune_step_time_repeat_spread():
+  # Issue 23's bar: every repeat within 10 % of the repeats' median.
+  spread = _module('finetune_step_time').repeat_spread
+  assert spread([2.0, 2.2, 1.9]) == pytest.approx(0.1)
+  assert spread([3.0, 2.0, 2.0, 2.0]) == pytest.approx(0.5)
+  assert spread([2.5]) == 0
