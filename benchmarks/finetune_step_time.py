@@ -128,10 +128,10 @@ def finish_row(config, args):
       ms_per_step_repeats=feeds[args.feed[0]],
       ms_per_step_by_feed={f: statistics.median(t) for f, t in feeds.items()},
       ms_repeats_by_feed=feeds,
-      repeat_spread=repeat_spread(feeds[args.feed[0]]),
       repeat_spread_by_feed={f: repeat_spread(t) for f, t in feeds.items()},
       loss=float(host_profile.step_loss(args, row['method'],
                                         config['state'], config['metrics'])))
+  row['repeat_spread'] = row['repeat_spread_by_feed'][args.feed[0]]
   return row
 
 

@@ -87,12 +87,12 @@ class KernelConfig:
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
+      lowest, kind = (0, 'non-negative') if field.name == 'small' else (
+          1, 'positive')
       if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-          or value < (0 if field.name == 'small' else 1)):
-        raise ValueError(
-            f'KernelConfig.{field.name} must be a '
-            f'{"non-negative" if field.name == "small" else "positive"} '
-            f'integer, got {value!r}.')
+          or value < lowest):
+        raise ValueError(f'KernelConfig.{field.name} must be a {kind} '
+                         f'integer, got {value!r}.')
     for name in ('chunk', 'max_span', 'min_span', 'num_warps'):
       value = getattr(self, name)
       if value & (value - 1):
