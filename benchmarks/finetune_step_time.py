@@ -190,7 +190,8 @@ def main(argv=None):
   env = {'device': getattr(device, 'device_kind', str(device)),
          'backend': jax.default_backend(), 'jax': jax.__version__,
          'python': platform.python_version(),
-         'matmul_precision': str(jax.config.jax_default_matmul_precision)}
+         'matmul_precision': str(jax.config.jax_default_matmul_precision),
+         'xla_flags': os.environ.get('XLA_FLAGS', '')}
   print(json.dumps({'env': env}))
   # Every configuration is compiled first and then timed in turn, repeat by
   # repeat, so that a drift of the host or the GPU over the run falls on
