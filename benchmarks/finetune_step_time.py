@@ -242,11 +242,14 @@ def main(argv=None):
   if args.gc == 'frozen':
     gc.enable()
     gc.unfreeze()
-  print(json.dumps({'timing_s': round(timing_s, 2), 'gc': args.gc,
-                    'gc_collections_by_generation': collections}))
+  timing = {'timing_s': round(timing_s, 2),
+            'gc_collections_by_generation': collections}
+  print(json.dumps(timing))
   rows = []
   for config in configs:
-    row = finish_row(config, args)
+    # In every row, so that the JSON lines (the run_gpu.sh logs drop the
+    # printed JSON) say whether a collection could explain an outlier.
+    row = dict(finish_row(config, args), **timing)
     rows.append(row)
     print(json.dumps(row), flush=True)
 

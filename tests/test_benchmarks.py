@@ -124,6 +124,8 @@ def test_finetune_step_time_tiny(tmp_path):
   for row in rows:
     assert row['metrics_in_state'] and row['mode'] == 'lora'
     assert row['gc'] == 'frozen'
+    # Frozen and disabled while timing: no collection lands in a repeat.
+    assert not any(row['gc_collections_by_generation'])
     assert set(row['ms_per_step_by_feed']) == {'fixed', 'stream'}
     assert all(t > 0 for t in row['ms_per_step_repeats'])
     assert row['loss'] == row['loss'] and 0 < row['loss'] < 10
