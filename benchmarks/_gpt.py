@@ -34,13 +34,6 @@ from flax import nnx
 
 import grain_optax
 
-# GRAIN_EXACT_BACKEND=xla runs the exact solver under XLA even on a CUDA GPU
-# (run_gpu.sh sets it if the Pallas kernel fails its check on the machine):
-# it becomes the library's process default, GRAIN_OPTAX_EXACT_BACKEND, which
-# is read (and checked) whenever a step is traced.
-if os.environ.get('GRAIN_EXACT_BACKEND'):
-  os.environ['GRAIN_OPTAX_EXACT_BACKEND'] = os.environ['GRAIN_EXACT_BACKEND']
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
