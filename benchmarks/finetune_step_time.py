@@ -60,8 +60,9 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
   start = time.perf_counter()
   compiled = step.lower(state, pool[0]).compile()
   compile_s = time.perf_counter() - start
-  for i in range(args.warmup):
-    state, metrics = compiled(state, pool[i % len(pool)])
+  # One call now (the first run's one-off costs, before the next compile);
+  # the warm-up steps come right before the timed repeats (main).
+  state, metrics = compiled(state, pool[0])
   jax.block_until_ready((state, metrics))
   return {
       'compiled': compiled, 'state': state, 'metrics': metrics, 'pool': pool,
@@ -147,7 +148,9 @@ def main(argv=None):
   p.add_argument('--layers', type=int, default=None)
   p.add_argument('--steps', type=int, default=50, help='timed steps a repeat')
   p.add_argument('--repeats', type=int, default=5)
-  p.add_argument('--warmup', type=int, default=5)
+  p.add_argument('--warmup', type=int, default=5,
+                 help='untimed steps of every configuration (and feed) in '
+                 'one round right before the timed repeats; at least 1')
   p.add_argument('--gram-backends', default='auto',
                  help="GRAIN steps once per Gram backend, e.g. 'auto,xla' "
                  '(GRAIN_OPTAX_GRAM_BACKEND at compile time; same process)')
@@ -181,6 +184,8 @@ def main(argv=None):
   if args.tiny:
     args.batches, args.seq, args.groups, args.layers = '4', 16, '2', 1
     args.steps, args.repeats, args.warmup = 2, 1, 1
+  if args.warmup < 1:
+    p.error(f'--warmup must be at least 1, got {args.warmup}')
   args.feed = args.feed.split(',')
   modes = args.modes.split(',')
   batches = [int(b) for b in args.batches.split(',')]
@@ -220,8 +225,8 @@ def main(argv=None):
     gc.collect()
     gc.freeze()
     gc.disable()
-  # An untimed round of every configuration right before the timed ones.
-  # The warm-up at build time came before the later configurations'
+  # The warm-up: an untimed round of every configuration right before the
+  # timed ones. Run at build time, it came before the later configurations'
   # compiles, seconds of an idle GPU, and the first timed repeat ran slower
   # than the rest's median in 14 of 16 rows (by 6-74 %; H100, 2026-12-07),
   # the second feed of the same round not.
