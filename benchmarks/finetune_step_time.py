@@ -279,6 +279,13 @@ def main(argv=None):
       name += ' rows'
     mode = (f"LoRA r={row['lora_rank']}" if row['lora_rank'] else 'full')
     row['ratio_to_mean'] = row['ms_per_step'] / base['ms_per_step']
+    # The ratio to the mean round by round (the repeats of one round ran
+    # back to back): a drift of the machine shared by a round cancels here.
+    row['round_ratios_by_feed'] = {
+        f: [t / b for t, b in zip(times, base['ms_repeats_by_feed'][f])]
+        for f, times in row['ms_repeats_by_feed'].items()}
+    row['round_ratio_spread_by_feed'] = {
+        f: repeat_spread(r) for f, r in row['round_ratios_by_feed'].items()}
     busy, base_busy = row['device_busy_ms'], base['device_busy_ms']
     row['busy_ratio_to_mean'] = busy / base_busy if busy and base_busy else None
     busy_cols = (f"{busy:>9.3f}{row['busy_ratio_to_mean']:>8.2f}"
@@ -297,6 +304,11 @@ def main(argv=None):
   print(f"spread: the largest distance of a repeat from the median; "
         f"{sum(s <= 0.1 for s in spreads)} of {len(spreads)} repeat sets "
         f"(rows x feeds) within 10 %")
+  paired = [s for row in rows if row['method'] != 'mean'
+            for s in row['round_ratio_spread_by_feed'].values()]
+  print(f"paired: the largest distance of a round's ratio to the mean from "
+        f"the ratios' median; {sum(s <= 0.1 for s in paired)} of "
+        f"{len(paired)} within 10 %")
   if args.json:
     with open(args.json, 'w') as f:
       for row in rows:

@@ -130,6 +130,10 @@ def test_finetune_step_time_tiny(tmp_path):
     assert all(t > 0 for t in row['ms_per_step_repeats'])
     assert row['loss'] == row['loss'] and 0 < row['loss'] < 10
     assert row['repeat_spread'] == 0  # one repeat: at its own median
+    base = rows[0]['ms_repeats_by_feed']
+    for feed, times in row['ms_repeats_by_feed'].items():
+      assert row['round_ratios_by_feed'][feed] == pytest.approx(
+          [t / b for t, b in zip(times, base[feed])])
   written = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r for r in written if 'mode' in r] == rows
 
