@@ -67,6 +67,7 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
   return {
       'compiled': compiled, 'state': state, 'metrics': metrics, 'pool': pool,
       'per_step': {'fixed': [], 'stream': []},
+      'dispatch': {'fixed': [], 'stream': []},
       'row': {
           'mode': mode, 'lora_rank': lora_rank, 'batch': batch, 'seq': seq,
           'method': method, 'groups': groups if method != 'mean' else 1,
@@ -82,15 +83,18 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
 
 
 def time_repeat(config, steps, feed):
-  """One repeat: ``steps`` calls, ms per step (wall clock, to completion)."""
+  """One repeat: ``steps`` calls; ms per step (wall clock, to completion)
+  and, of it, the host's time to hand the calls to the device."""
   compiled, state = config['compiled'], config['state']
   batches = config['pool'][:1] if feed == 'fixed' else config['pool']
   start = time.perf_counter()
   for i in range(steps):
     state, metrics = compiled(state, batches[i % len(batches)])
+  dispatched = time.perf_counter()
   jax.block_until_ready((state, metrics))
   config['state'], config['metrics'] = state, metrics
-  return (time.perf_counter() - start) / steps * 1e3
+  end = time.perf_counter()
+  return (end - start) / steps * 1e3, (dispatched - start) / steps * 1e3
 
 
 def repeat_spread(times):
@@ -98,6 +102,18 @@ def repeat_spread(times):
   (0.1: every repeat within 10 % of the median; issue 23's bar)."""
   median = statistics.median(times)
   return max(abs(t / median - 1) for t in times)
+
+
+def host_shares(rows):
+  """The host's share of each repeat's time (dispatch over wall clock), split
+  into the repeats more than 10 % above their set's median and the rest."""
+  slow, rest = [], []
+  for row in rows:
+    for feed, times in row['ms_repeats_by_feed'].items():
+      median = statistics.median(times)
+      for t, d in zip(times, row['ms_dispatch_repeats_by_feed'][feed]):
+        (slow if t > 1.1 * median else rest).append(d / t)
+  return slow, rest
 
 
 def finish_row(config, args):
@@ -129,6 +145,10 @@ def finish_row(config, args):
       ms_per_step_repeats=feeds[args.feed[0]],
       ms_per_step_by_feed={f: statistics.median(t) for f, t in feeds.items()},
       ms_repeats_by_feed=feeds,
+      # Of each repeat's ms per step, the host's share: the time until the
+      # last call returned (a device-bound step's host runs ahead of the
+      # device; where this is close to the repeat's time, the host set it).
+      ms_dispatch_repeats_by_feed={f: config['dispatch'][f] for f in feeds},
       repeat_spread_by_feed={f: repeat_spread(t) for f, t in feeds.items()},
       loss=float(host_profile.step_loss(args, row['method'],
                                         config['state'], config['metrics'])))
@@ -238,7 +258,9 @@ def main(argv=None):
   for _ in range(args.repeats):
     for config in configs:
       for feed in args.feed:
-        config['per_step'][feed].append(time_repeat(config, args.steps, feed))
+        ms, dispatch_ms = time_repeat(config, args.steps, feed)
+        config['per_step'][feed].append(ms)
+        config['dispatch'][feed].append(dispatch_ms)
   timing_s = time.perf_counter() - timing_start
   # Collections of each generation during the timed repeats (a collection
   # landing in one repeat would show as that repeat's outlier).
@@ -309,6 +331,12 @@ def main(argv=None):
   print(f"paired: the largest distance of a round's ratio to the mean from "
         f"the ratios' median; {sum(s <= 0.1 for s in paired)} of "
         f"{len(paired)} within 10 %")
+  slow, rest = host_shares(rows)
+  if slow:
+    print(f"outliers: {len(slow)} repeats more than 10 % above their "
+          f"median; the host's share of their time (until the last call "
+          f"returned) {statistics.median(slow):.0%}, of the other repeats' "
+          f"{statistics.median(rest):.0%}")
   if args.json:
     with open(args.json, 'w') as f:
       for row in rows:

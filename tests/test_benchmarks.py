@@ -134,8 +134,23 @@ def test_finetune_step_time_tiny(tmp_path):
     for feed, times in row['ms_repeats_by_feed'].items():
       assert row['round_ratios_by_feed'][feed] == pytest.approx(
           [t / b for t, b in zip(times, base[feed])])
+      # The host's part of a repeat: handing the calls over ends before
+      # the last step does.
+      dispatch = row['ms_dispatch_repeats_by_feed'][feed]
+      assert len(dispatch) == len(times)
+      assert all(0 < d <= t for d, t in zip(dispatch, times))
   written = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r for r in written if 'mode' in r] == rows
+
+
+def test_finetune_step_time_host_shares():
+  # An outlier is a repeat more than 10 % above its set's median; each
+  # repeat's host share is its dispatch time over its wall clock.
+  rows = [{'ms_repeats_by_feed': {'fixed': [2.0, 2.0, 3.0]},
+           'ms_dispatch_repeats_by_feed': {'fixed': [0.5, 1.0, 2.7]}}]
+  slow, rest = _module('finetune_step_time').host_shares(rows)
+  assert slow == pytest.approx([0.9])
+  assert rest == pytest.approx([0.25, 0.5])
 
 
 def test_finetune_step_time_repeat_spread():
