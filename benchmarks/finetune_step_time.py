@@ -68,6 +68,7 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
       'compiled': compiled, 'state': state, 'metrics': metrics, 'pool': pool,
       'per_step': {'fixed': [], 'stream': []},
       'dispatch': {'fixed': [], 'stream': []},
+      'started': {'fixed': [], 'stream': []},
       'row': {
           'mode': mode, 'lora_rank': lora_rank, 'batch': batch, 'seq': seq,
           'method': method, 'groups': groups if method != 'mean' else 1,
@@ -149,6 +150,10 @@ def finish_row(config, args):
       # last call returned (a device-bound step's host runs ahead of the
       # device; where this is close to the repeat's time, the host set it).
       ms_dispatch_repeats_by_feed={f: config['dispatch'][f] for f in feeds},
+      # When each repeat began (Unix seconds, host clock): to line a slow
+      # repeat up with a log of the GPU's clocks or the host's load taken
+      # alongside (run_gpu.sh's short_table stage samples both).
+      repeat_start_unix_by_feed={f: config['started'][f] for f in feeds},
       repeat_spread_by_feed={f: repeat_spread(t) for f, t in feeds.items()},
       loss=float(host_profile.step_loss(args, row['method'],
                                         config['state'], config['metrics'])))
@@ -258,6 +263,7 @@ def main(argv=None):
   for _ in range(args.repeats):
     for config in configs:
       for feed in args.feed:
+        config['started'][feed].append(round(time.time(), 3))
         ms, dispatch_ms = time_repeat(config, args.steps, feed)
         config['per_step'][feed].append(ms)
         config['dispatch'][feed].append(dispatch_ms)

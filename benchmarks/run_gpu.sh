@@ -37,7 +37,9 @@ PY=${PY:-python3}
 # as outputs, with XLA's command buffers (CUDA graphs) off for the whole
 # process, the mean included), short_table (issue 23's whole table in two
 # processes, bf16 and fp32 (fp32 with row_sparse on), full and LoRA, m = 4,
-# 8, 16, metrics packed, collector frozen, 9 repeats, fixed and streamed).
+# 8, 16, metrics packed, collector frozen, 9 repeats, fixed and streamed;
+# with gpu_clocks.csv and host_load.txt, the GPU's clocks and the host's
+# load sampled while it runs).
 # suite: the whole test suite on this GPU (6 workers), its log in suite.txt.
 STAGES=${STAGES:-"check step qp peer step2 memory"}
 SHORT_ARGS=${SHORT_ARGS:-"--modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 5 --feed fixed,stream --profile"}
@@ -94,8 +96,27 @@ for stage in $STAGES; do
     *) echo "unknown stage $stage"; continue ;;
   esac
   echo "\$ $cmd" | tee -a "$OUT/log.txt"
+  samplers=()
+  if [ "$stage" = short_table ]; then
+    # Alongside the timed steps: the GPU's clocks, power and throttle
+    # reasons every 200 ms, and the host's CPU counters (/proc/stat's first
+    # line: user nice system idle iowait irq softirq steal) and load every
+    # 0.5 s, with Unix times, to line slow repeats up with (the rows carry
+    # each repeat's start time, repeat_start_unix_by_feed).
+    for field in clocks_event_reasons.active clocks_throttle_reasons.active; do
+      q="timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,$field"
+      if nvidia-smi --query-gpu=$q --format=csv >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=$q --format=csv -lms 200 > "$OUT/gpu_clocks.csv" 2>&1 &
+        samplers+=($!)
+        break
+      fi
+    done
+    ( while :; do echo "$(date +%s.%N | cut -c1-14) $(head -n 1 /proc/stat) $(cut -d' ' -f1-3 /proc/loadavg)"; sleep 0.5; done ) > "$OUT/host_load.txt" 2>&1 &
+    samplers+=($!)
+  fi
   timeout "${LIMIT[$stage]}" bash -c "$cmd" 2>&1 | grep -v '^{' | tee -a "$OUT/log.txt"
   rc=${PIPESTATUS[0]}
+  if [ ${#samplers[@]} -gt 0 ]; then kill "${samplers[@]}" 2>/dev/null; fi
   echo "=== $stage rc=$rc $(date -u +%T)" | tee -a "$OUT/log.txt"
   if [ "$stage" = check ] && [ "$rc" != 0 ]; then
     echo "kernel check failed: exact solver under XLA from here on" | tee -a "$OUT/log.txt"

@@ -139,6 +139,10 @@ def test_finetune_step_time_tiny(tmp_path):
       dispatch = row['ms_dispatch_repeats_by_feed'][feed]
       assert len(dispatch) == len(times)
       assert all(0 < d <= t for d, t in zip(dispatch, times))
+      assert len(row['repeat_start_unix_by_feed'][feed]) == len(times)
+  # The configurations take their repeats in turn, in the order built.
+  firsts = [r['repeat_start_unix_by_feed']['fixed'][0] for r in rows]
+  assert firsts == sorted(firsts)
   written = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r for r in written if 'mode' in r] == rows
 
