@@ -172,6 +172,13 @@ def main(argv=None):
                  default='float32', help='compute dtype (params float32)')
   p.add_argument('--layers', type=int, default=None)
   p.add_argument('--steps', type=int, default=50, help='timed steps a repeat')
+  p.add_argument('--chunks', type=int, default=1,
+                 help='take each repeat as this many chunks of '
+                 'steps/chunks steps, every configuration taking its chunk '
+                 'in turn, so that one repeat of every row spans the whole '
+                 'round (on an H100, the host-bound steps ran 10-40 %% slow '
+                 'for about a second at a time, all rows alike: a repeat '
+                 'taken in one piece of 0.1 s caught such a spell or not)')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--warmup', type=int, default=5,
                  help='untimed steps of every configuration (and feed) in '
@@ -211,6 +218,9 @@ def main(argv=None):
     args.steps, args.repeats, args.warmup = 2, 1, 1
   if args.warmup < 1:
     p.error(f'--warmup must be at least 1, got {args.warmup}')
+  if args.chunks < 1 or args.steps % args.chunks:
+    p.error(f'--chunks must be at least 1 and divide --steps '
+            f'({args.steps}), got {args.chunks}')
   args.feed = args.feed.split(',')
   modes = args.modes.split(',')
   batches = [int(b) for b in args.batches.split(',')]
@@ -260,13 +270,21 @@ def main(argv=None):
       time_repeat(config, args.warmup, feed)
   before = [g['collections'] for g in gc.get_stats()]
   timing_start = time.perf_counter()
+  chunk = args.steps // args.chunks
   for _ in range(args.repeats):
-    for config in configs:
-      for feed in args.feed:
-        config['started'][feed].append(round(time.time(), 3))
-        ms, dispatch_ms = time_repeat(config, args.steps, feed)
-        config['per_step'][feed].append(ms)
-        config['dispatch'][feed].append(dispatch_ms)
+    totals = {}
+    for k in range(args.chunks):
+      for i, config in enumerate(configs):
+        for feed in args.feed:
+          if k == 0:
+            config['started'][feed].append(round(time.time(), 3))
+          ms, dispatch_ms = time_repeat(config, chunk, feed)
+          total = totals.setdefault((i, feed), [0.0, 0.0])
+          total[0] += ms / args.chunks
+          total[1] += dispatch_ms / args.chunks
+    for (i, feed), (ms, dispatch_ms) in totals.items():
+      configs[i]['per_step'][feed].append(ms)
+      configs[i]['dispatch'][feed].append(dispatch_ms)
   timing_s = time.perf_counter() - timing_start
   # Collections of each generation during the timed repeats (a collection
   # landing in one repeat would show as that repeat's outlier).
@@ -275,7 +293,8 @@ def main(argv=None):
   if args.gc == 'frozen':
     gc.enable()
     gc.unfreeze()
-  timing = {'timing_s': round(timing_s, 2),
+  timing = {'timing_s': round(timing_s, 2), 'steps': args.steps,
+            'chunks': args.chunks,
             'gc_collections_by_generation': collections}
   print(json.dumps(timing))
   rows = []
@@ -289,7 +308,9 @@ def main(argv=None):
   print()
   print(f"MiniLM fine-tuning step, {env['device']} ({env['backend']}), JAX "
         f"{env['jax']}, {args.dtype} compute, float32 params; median of "
-        f"{args.repeats} x {args.steps} steps, interleaved; batch fed "
+        f"{args.repeats} x {args.steps} steps"
+        f"{f' in {args.chunks} chunks' if args.chunks > 1 else ''}, "
+        f"interleaved; batch fed "
         f"{args.feed[0]}")
   print(f"{'mode':<10}{'batch':>10}  {'method':<12}{'ms/step':>9}"
         f"{'x mean':>8}{'spread':>8}{'compile s':>11}{'busy ms':>9}"

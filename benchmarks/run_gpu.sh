@@ -37,7 +37,8 @@ PY=${PY:-python3}
 # as outputs, with XLA's command buffers (CUDA graphs) off for the whole
 # process, the mean included), short_table (issue 23's whole table in two
 # processes, bf16 and fp32 (fp32 with row_sparse on), full and LoRA, m = 4,
-# 8, 16, metrics packed, collector frozen, 9 repeats, fixed and streamed;
+# 8, 16, metrics packed, collector frozen, 7 repeats of 100 steps taken in
+# 10 chunks of 10 interleaved over all rows, fixed and streamed;
 # with gpu_clocks.csv and host_load.txt, the GPU's clocks and the host's
 # load sampled while it runs).
 # suite: the whole test suite on this GPU (6 workers), its log in suite.txt.
@@ -50,7 +51,7 @@ MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
 PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
 declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150
                   [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=200
-                  [short_packed]=200 [hprof]=240 [cbuf_hlo]=150 [short_nocbuf]=200 [short_table]=420
+                  [short_packed]=200 [hprof]=240 [cbuf_hlo]=150 [short_nocbuf]=200 [short_table]=540
                   [suite]=420)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 {
@@ -88,7 +89,7 @@ for stage in $STAGES; do
     short_state) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --metrics-in-state --json $OUT/short_state.jsonl" ;;
     short_packed) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --stats packed --json $OUT/short_packed.jsonl" ;;
     short_nocbuf) cmd="env XLA_FLAGS='--xla_gpu_enable_command_buffer=' $PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --json $OUT/short_nocbuf.jsonl" ;;
-    short_table) cmd="for d in bfloat16 float32; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 9 --feed fixed,stream --profile --stats packed --gc frozen --row-sparse \$r --json $OUT/short_table_\$d.jsonl; done" ;;
+    short_table) cmd="for d in bfloat16 float32; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 100 --chunks 10 --repeats 7 --feed fixed,stream --profile --stats packed --gc frozen --row-sparse \$r --json $OUT/short_table_\$d.jsonl; done" ;;
     hprof) cmd="for v in 'mean' 'grain' 'grain --stats packed'; do $PY benchmarks/host_profile.py --mode full --dtype bfloat16 --groups 4 --method \$v --label \"\$v\" --json $OUT/hprof.jsonl; done" ;;
     cbuf_hlo) cmd="for s in metrics packed; do env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 $PY benchmarks/command_buffers.py --mode full --dtype bfloat16 --method grain --groups 4 --stats \$s --label \$s --json $OUT/cbuf_hlo.jsonl --dump-hlo $OUT/hlo_\$s.txt; done" ;;
     short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;

@@ -118,11 +118,14 @@ def test_finetune_step_time_tiny(tmp_path):
   out = tmp_path / 'fst.jsonl'
   rows = _module('finetune_step_time').main(
       ['--tiny', '--modes', 'lora', '--metrics-in-state', '--feed',
-       'fixed,stream', '--gc', 'frozen', '--json', str(out)])
+       'fixed,stream', '--gc', 'frozen', '--chunks', '2', '--json',
+       str(out)])
   assert [(r['method'], r['groups']) for r in rows] == [('mean', 1),
                                                         ('grain', 2)]
   for row in rows:
     assert row['metrics_in_state'] and row['mode'] == 'lora'
+    # Each repeat's 2 steps taken as 2 chunks of 1, the rows in turn.
+    assert (row['steps'], row['chunks']) == (2, 2)
     assert row['gc'] == 'frozen'
     # Frozen and disabled while timing: no collection lands in a repeat.
     assert not any(row['gc_collections_by_generation'])
@@ -145,6 +148,13 @@ def test_finetune_step_time_tiny(tmp_path):
   assert firsts == sorted(firsts)
   written = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r for r in written if 'mode' in r] == rows
+
+
+def test_finetune_step_time_chunks_must_divide_steps(capsys):
+  with pytest.raises(SystemExit):
+    _module('finetune_step_time').main(['--tiny', '--chunks', '3'])
+  assert '--chunks must be at least 1 and divide --steps (2)' in (
+      capsys.readouterr().err)
 
 
 def test_finetune_step_time_host_shares():
