@@ -173,3 +173,33 @@ def test_finetune_step_time_repeat_spread():
   assert spread([2.0, 2.2, 1.9]) == pytest.approx(0.1)
   assert spread([3.0, 2.0, 2.0, 2.0]) == pytest.approx(0.5)
   assert spread([2.5]) == 0
+
+
+def test_repeat_timeline_finds_spells(tmp_path):
+  # Two rows taking 4 repeats in turn; the third round ran slow for both (a
+  # spell of the machine), so each slow repeat has a slow neighbour in time.
+  def row(method, times, offset):
+    return {'mode': 'lora', 'method': method, 'groups': 4,
+            'ms_repeats_by_feed': {'fixed': times},
+            'repeat_start_unix_by_feed': {
+                'fixed': [1000.0 + 0.2 * k + offset for k in range(4)]},
+            'steps': 30, 'chunks': 1}
+  rows = [row('mean', [2.0, 2.0, 2.6, 2.0], 0.0),
+          row('grain', [3.0, 3.0, 3.9, 3.1], 0.1)]
+  path = tmp_path / 'rows.jsonl'
+  path.write_text('{"env": {}}\n' + ''.join(json.dumps(r) + '\n'
+                                           for r in rows))
+  clocks = tmp_path / 'gpu_clocks.csv'
+  clocks.write_text(
+      'timestamp, clocks.current.sm [MHz], reasons\n'
+      + ''.join(f'1970/01/01 00:16:{40 + k / 10:06.3f}, {1980 - 500 * (k == 4)}'
+                f' MHz, 0x0\n' for k in range(8)))
+  summary = _module('repeat_timeline').main(
+      [str(path), '--clocks', str(clocks), '--quiet'])
+  assert (summary['repeats'], summary['slow']) == (8, 2)
+  assert summary['neighbour_slow_given_slow'] == 0.5
+  # Of the six others' ten neighbours, two are slow (those next to round 3).
+  assert summary['neighbour_slow_given_not_slow'] == pytest.approx(0.2)
+  # The slow repeats ran while the clock log dipped (sample at 1000.4 s).
+  assert summary['sm_mhz_slow'] < summary['sm_mhz_other'] < 1980
+  assert summary['sm_mhz_min'] == 1480
