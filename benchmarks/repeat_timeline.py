@@ -119,7 +119,7 @@ def main(argv=None):
       steal_of[ratio > SLOW].append(steal)
     if not args.quiet:
       bar = '#' * int(max(0.0, ratio - 1) * 50)
-      print(f'{start - t0:8.3f} s  {name:<14}{feed:<8}{ratio:6.2f} {bar}')
+      print(f'{start - t0:8.3f} s  {name:<17}{feed:<8}{ratio:6.2f} {bar}')
   odds = neighbour_odds(timeline)
   slow = sum(r[3] > SLOW for r in timeline)
   summary = {
