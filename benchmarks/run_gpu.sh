@@ -43,6 +43,7 @@ PY=${PY:-python3}
 # load sampled while it runs).
 # suite: the whole test suite on this GPU (6 workers), its log in suite.txt.
 STAGES=${STAGES:-"check step qp peer step2 memory"}
+TABLE_DTYPES=${TABLE_DTYPES:-"bfloat16 float32"}  # short_table's processes
 SHORT_ARGS=${SHORT_ARGS:-"--modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 5 --feed fixed,stream --profile"}
 QP_ARGS=${QP_ARGS:-"--config full"}
 STEP_ARGS=${STEP_ARGS:-"--config full --groups 4 8 --profile 4 8"}
@@ -89,7 +90,7 @@ for stage in $STAGES; do
     short_state) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --metrics-in-state --json $OUT/short_state.jsonl" ;;
     short_packed) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --stats packed --json $OUT/short_packed.jsonl" ;;
     short_nocbuf) cmd="env XLA_FLAGS='--xla_gpu_enable_command_buffer=' $PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --json $OUT/short_nocbuf.jsonl" ;;
-    short_table) cmd="for d in bfloat16 float32; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 100 --chunks 10 --repeats 7 --feed fixed,stream --profile --stats packed --gc frozen --row-sparse \$r --json $OUT/short_table_\$d.jsonl; done" ;;
+    short_table) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 100 --chunks 10 --repeats 7 --feed fixed,stream --profile --stats packed --gc frozen --row-sparse \$r --json $OUT/short_table_\$d.jsonl; done" ;;
     hprof) cmd="for v in 'mean' 'grain' 'grain --stats packed'; do $PY benchmarks/host_profile.py --mode full --dtype bfloat16 --groups 4 --method \$v --label \"\$v\" --json $OUT/hprof.jsonl; done" ;;
     cbuf_hlo) cmd="for s in metrics packed; do env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 $PY benchmarks/command_buffers.py --mode full --dtype bfloat16 --method grain --groups 4 --stats \$s --label \$s --json $OUT/cbuf_hlo.jsonl --dump-hlo $OUT/hlo_\$s.txt; done" ;;
     short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;
