@@ -179,7 +179,19 @@ def main(argv=None):
                  'round (on an H100, the host-bound steps ran 10-40 %% slow '
                  'for about a second at a time, all rows alike: a repeat '
                  'taken in one piece of 0.1 s caught such a spell or not)')
-  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--repeats', type=int, default=None,
+                 help='timed repeats of every configuration (default 5; 1 '
+                 'with --tiny)')
+  p.add_argument('--interleave', choices=('rows', 'off'), default='rows',
+                 help="'rows': every configuration takes its repeat (or "
+                 "chunk) in turn, so that a drift of the machine falls on "
+                 "all alike; 'off': each configuration's repeats back to "
+                 "back after its own warm-up, as a training loop runs one "
+                 "step function (the round-by-round ratios then pair "
+                 "repeats taken apart). On an H100, LoRA's mean step read "
+                 "2.6 ms with repeats of 30 steps and 4.5 ms with chunks of "
+                 "10, at 2.0 ms of device time: the host seems to pay about "
+                 "20 ms each time a step follows another configuration's")
   p.add_argument('--warmup', type=int, default=5,
                  help='untimed steps of every configuration (and feed) in '
                  'one round right before the timed repeats; at least 1')
@@ -215,7 +227,9 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.tiny:
     args.batches, args.seq, args.groups, args.layers = '4', 16, '2', 1
-    args.steps, args.repeats, args.warmup = 2, 1, 1
+    args.steps, args.warmup = 2, 1
+  if args.repeats is None:
+    args.repeats = 1 if args.tiny else 5
   if args.warmup < 1:
     p.error(f'--warmup must be at least 1, got {args.warmup}')
   if args.chunks < 1 or args.steps % args.chunks:
@@ -265,26 +279,31 @@ def main(argv=None):
   # compiles, seconds of an idle GPU, and the first timed repeat ran slower
   # than the rest's median in 14 of 16 rows (by 6-74 %; H100, 2026-12-07),
   # the second feed of the same round not.
-  for config in configs:
-    for feed in args.feed:
-      time_repeat(config, args.warmup, feed)
+  # With --interleave off, each configuration is warmed up right before its
+  # own repeats instead, which then run back to back. (timing_s counts the
+  # warm-up steps too.)
+  blocks = [configs] if args.interleave == 'rows' else [[c] for c in configs]
   before = [g['collections'] for g in gc.get_stats()]
   timing_start = time.perf_counter()
   chunk = args.steps // args.chunks
-  for _ in range(args.repeats):
-    totals = {}
-    for k in range(args.chunks):
-      for i, config in enumerate(configs):
-        for feed in args.feed:
-          if k == 0:
-            config['started'][feed].append(round(time.time(), 3))
-          ms, dispatch_ms = time_repeat(config, chunk, feed)
-          total = totals.setdefault((i, feed), [0.0, 0.0])
-          total[0] += ms / args.chunks
-          total[1] += dispatch_ms / args.chunks
-    for (i, feed), (ms, dispatch_ms) in totals.items():
-      configs[i]['per_step'][feed].append(ms)
-      configs[i]['dispatch'][feed].append(dispatch_ms)
+  for block in blocks:
+    for config in block:
+      for feed in args.feed:
+        time_repeat(config, args.warmup, feed)
+    for _ in range(args.repeats):
+      totals = {}
+      for k in range(args.chunks):
+        for i, config in enumerate(block):
+          for feed in args.feed:
+            if k == 0:
+              config['started'][feed].append(time.time())
+            ms, dispatch_ms = time_repeat(config, chunk, feed)
+            total = totals.setdefault((i, feed), [0.0, 0.0])
+            total[0] += ms / args.chunks
+            total[1] += dispatch_ms / args.chunks
+      for (i, feed), (ms, dispatch_ms) in totals.items():
+        block[i]['per_step'][feed].append(ms)
+        block[i]['dispatch'][feed].append(dispatch_ms)
   timing_s = time.perf_counter() - timing_start
   # Collections of each generation during the timed repeats (a collection
   # landing in one repeat would show as that repeat's outlier).
@@ -294,7 +313,7 @@ def main(argv=None):
     gc.enable()
     gc.unfreeze()
   timing = {'timing_s': round(timing_s, 2), 'steps': args.steps,
-            'chunks': args.chunks,
+            'chunks': args.chunks, 'interleave': args.interleave,
             'gc_collections_by_generation': collections}
   print(json.dumps(timing))
   rows = []
@@ -310,7 +329,8 @@ def main(argv=None):
         f"{env['jax']}, {args.dtype} compute, float32 params; median of "
         f"{args.repeats} x {args.steps} steps"
         f"{f' in {args.chunks} chunks' if args.chunks > 1 else ''}, "
-        f"interleaved; batch fed "
+        f"{'interleaved' if args.interleave == 'rows' else 'row by row'}; "
+        f"batch fed "
         f"{args.feed[0]}")
   print(f"{'mode':<10}{'batch':>10}  {'method':<12}{'ms/step':>9}"
         f"{'x mean':>8}{'spread':>8}{'compile s':>11}{'busy ms':>9}"

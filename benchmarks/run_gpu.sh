@@ -37,10 +37,13 @@ PY=${PY:-python3}
 # as outputs, with XLA's command buffers (CUDA graphs) off for the whole
 # process, the mean included), short_table (issue 23's whole table in two
 # processes, bf16 and fp32 (fp32 with row_sparse on), full and LoRA, m = 4,
-# 8, 16, metrics packed, collector frozen, 7 repeats of 100 steps taken in
-# 10 chunks of 10 interleaved over all rows, fixed and streamed;
-# with gpu_clocks.csv and host_load.txt, the GPU's clocks and the host's
+# 8, 16, metrics packed, collector frozen, 9 repeats, fixed and streamed;
+# with gpu_clocks_short_table.csv and host_load_short_table.txt, the GPU's clocks and the host's
 # load sampled while it runs).
+# short_alone (bf16, full and LoRA, m = 4, 8, 16, each configuration's 9
+# repeats of 100 steps back to back, --interleave off: does a step that
+# follows another configuration's cost the host ~20 ms?), with the samplers
+# of short_table.
 # suite: the whole test suite on this GPU (6 workers), its log in suite.txt.
 STAGES=${STAGES:-"check step qp peer step2 memory"}
 TABLE_DTYPES=${TABLE_DTYPES:-"bfloat16 float32"}  # short_table's processes
@@ -52,7 +55,7 @@ MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
 PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
 declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150
                   [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=200
-                  [short_packed]=200 [hprof]=240 [cbuf_hlo]=150 [short_nocbuf]=200 [short_table]=540
+                  [short_packed]=200 [hprof]=240 [cbuf_hlo]=150 [short_nocbuf]=200 [short_table]=480 [short_alone]=300
                   [suite]=420)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 {
@@ -90,7 +93,8 @@ for stage in $STAGES; do
     short_state) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --metrics-in-state --json $OUT/short_state.jsonl" ;;
     short_packed) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --stats packed --json $OUT/short_packed.jsonl" ;;
     short_nocbuf) cmd="env XLA_FLAGS='--xla_gpu_enable_command_buffer=' $PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --json $OUT/short_nocbuf.jsonl" ;;
-    short_table) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 100 --chunks 10 --repeats 7 --feed fixed,stream --profile --stats packed --gc frozen --row-sparse \$r --json $OUT/short_table_\$d.jsonl; done" ;;
+    short_table) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 9 --feed fixed,stream --profile --stats packed --gc frozen --row-sparse \$r --json $OUT/short_table_\$d.jsonl; done" ;;
+    short_alone) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 --modes full,lora --batches 16 --groups 4,8,16 --steps 100 --repeats 9 --feed fixed --profile --stats packed --gc frozen --interleave off --json $OUT/short_alone.jsonl" ;;
     hprof) cmd="for v in 'mean' 'grain' 'grain --stats packed'; do $PY benchmarks/host_profile.py --mode full --dtype bfloat16 --groups 4 --method \$v --label \"\$v\" --json $OUT/hprof.jsonl; done" ;;
     cbuf_hlo) cmd="for s in metrics packed; do env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 $PY benchmarks/command_buffers.py --mode full --dtype bfloat16 --method grain --groups 4 --stats \$s --label \$s --json $OUT/cbuf_hlo.jsonl --dump-hlo $OUT/hlo_\$s.txt; done" ;;
     short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;
@@ -99,7 +103,7 @@ for stage in $STAGES; do
   esac
   echo "\$ $cmd" | tee -a "$OUT/log.txt"
   samplers=()
-  if [ "$stage" = short_table ]; then
+  if [ "$stage" = short_table ] || [ "$stage" = short_alone ]; then
     # Alongside the timed steps: the GPU's clocks, power and throttle
     # reasons every 200 ms, and the host's CPU counters (/proc/stat's first
     # line: user nice system idle iowait irq softirq steal) and load every
@@ -108,12 +112,12 @@ for stage in $STAGES; do
     for field in clocks_event_reasons.active clocks_throttle_reasons.active; do
       q="timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu,$field"
       if nvidia-smi --query-gpu=$q --format=csv >/dev/null 2>&1; then
-        nvidia-smi --query-gpu=$q --format=csv -lms 200 > "$OUT/gpu_clocks.csv" 2>&1 &
+        nvidia-smi --query-gpu=$q --format=csv -lms 200 > "$OUT/gpu_clocks_$stage.csv" 2>&1 &
         samplers+=($!)
         break
       fi
     done
-    ( while :; do echo "$(date +%s.%N | cut -c1-14) $(head -n 1 /proc/stat) $(cut -d' ' -f1-3 /proc/loadavg)"; sleep 0.5; done ) > "$OUT/host_load.txt" 2>&1 &
+    ( while :; do echo "$(date +%s.%N | cut -c1-14) $(head -n 1 /proc/stat) $(cut -d' ' -f1-3 /proc/loadavg)"; sleep 0.5; done ) > "$OUT/host_load_$stage.txt" 2>&1 &
     samplers+=($!)
   fi
   timeout "${LIMIT[$stage]}" bash -c "$cmd" 2>&1 | grep -v '^{' | tee -a "$OUT/log.txt"

@@ -150,6 +150,22 @@ def test_finetune_step_time_tiny(tmp_path):
   assert [r for r in written if 'mode' in r] == rows
 
 
+@pytest.mark.parametrize('interleave', ['rows', 'off'])
+def test_finetune_step_time_order_of_repeats(interleave):
+  # 'rows': the configurations take their repeats in turn, so the mean's
+  # second repeat comes after GRAIN's first; 'off': all of the mean's
+  # repeats first, as a training loop runs one step function.
+  mean, grain = _module('finetune_step_time').main(
+      ['--tiny', '--modes', 'lora', '--repeats', '2', '--interleave',
+       interleave])
+  assert (mean['interleave'], len(mean['ms_per_step_repeats'])) == (
+      interleave, 2)
+  mean_starts = mean['repeat_start_unix_by_feed']['fixed']
+  grain_first = grain['repeat_start_unix_by_feed']['fixed'][0]
+  assert (mean_starts[1] > grain_first) == (interleave == 'rows')
+  assert mean_starts[0] < grain_first
+
+
 def test_finetune_step_time_chunks_must_divide_steps(capsys):
   with pytest.raises(SystemExit):
     _module('finetune_step_time').main(['--tiny', '--chunks', '3'])
