@@ -176,9 +176,10 @@ def main(argv=None):
                  help='take each repeat as this many chunks of '
                  'steps/chunks steps, every configuration taking its chunk '
                  'in turn, so that one repeat of every row spans the whole '
-                 'round (on an H100, the host-bound steps ran 10-40 %% slow '
-                 'for about a second at a time, all rows alike: a repeat '
-                 'taken in one piece of 0.1 s caught such a spell or not)')
+                 'round. Each chunk ends on a sync and follows another '
+                 "configuration's: on an H100 that cost the host about "
+                 '20-25 ms a chunk (LoRA bf16, chunks of 10 steps: 4.5 ms '
+                 'a step against 2.6 ms in 30-step repeats)')
   p.add_argument('--repeats', type=int, default=None,
                  help='timed repeats of every configuration (default 5; 1 '
                  'with --tiny)')
@@ -280,31 +281,28 @@ def main(argv=None):
   # than the rest's median in 14 of 16 rows (by 6-74 %; H100, 2026-12-07),
   # the second feed of the same round not.
   # With --interleave off, each configuration is warmed up right before its
-  # own repeats instead, which then run back to back. (timing_s counts the
-  # warm-up steps too.)
+  # own repeats instead, which then run back to back.
   blocks = [configs] if args.interleave == 'rows' else [[c] for c in configs]
   before = [g['collections'] for g in gc.get_stats()]
-  timing_start = time.perf_counter()
+  timing_s = 0.0
   chunk = args.steps // args.chunks
   for block in blocks:
     for config in block:
       for feed in args.feed:
         time_repeat(config, args.warmup, feed)
+    block_start = time.perf_counter()
     for _ in range(args.repeats):
-      totals = {}
       for k in range(args.chunks):
-        for i, config in enumerate(block):
+        for config in block:
           for feed in args.feed:
             if k == 0:
               config['started'][feed].append(time.time())
+              config['per_step'][feed].append(0.0)
+              config['dispatch'][feed].append(0.0)
             ms, dispatch_ms = time_repeat(config, chunk, feed)
-            total = totals.setdefault((i, feed), [0.0, 0.0])
-            total[0] += ms / args.chunks
-            total[1] += dispatch_ms / args.chunks
-      for (i, feed), (ms, dispatch_ms) in totals.items():
-        block[i]['per_step'][feed].append(ms)
-        block[i]['dispatch'][feed].append(dispatch_ms)
-  timing_s = time.perf_counter() - timing_start
+            config['per_step'][feed][-1] += ms / args.chunks
+            config['dispatch'][feed][-1] += dispatch_ms / args.chunks
+    timing_s += time.perf_counter() - block_start
   # Collections of each generation during the timed repeats (a collection
   # landing in one repeat would show as that repeat's outlier).
   collections = [g['collections'] - b

@@ -19,13 +19,22 @@ import argparse
 import datetime
 import json
 import statistics
+from typing import NamedTuple
 
 SLOW = 1.1  # a repeat more than 10 % above its row's median (issue 23's bar)
 
 
+class Repeat(NamedTuple):
+  """One timed repeat of one row and feed."""
+  start: float  # Unix seconds, host clock
+  name: str  # the row, e.g. 'lora grain m=4'
+  feed: str
+  ratio: float  # its ms per step over its row's median
+  ms: float  # its ms per step
+
+
 def repeats(rows):
-  """Every repeat as (start, row name, feed, time / row median, ms per
-  step), in the order the repeats ran."""
+  """Every repeat of every row as a Repeat, in the order they ran."""
   out = []
   for row in rows:
     name = (f"{row['mode']} {row['method']}"
@@ -33,7 +42,7 @@ def repeats(rows):
     for feed, times in row['ms_repeats_by_feed'].items():
       median = statistics.median(times)
       starts = row['repeat_start_unix_by_feed'][feed]
-      out += [(s, name, feed, t / median, t)
+      out += [Repeat(s, name, feed, t / median, t)
               for s, t in zip(starts, times)]
   return sorted(out)
 
@@ -42,12 +51,11 @@ def neighbour_odds(timeline, slow=SLOW):
   """Of the slow repeats and of the others, the share whose neighbours in
   time (the repeats right before and after, other rows) were slow too."""
   counts = {True: [0, 0], False: [0, 0]}
-  for i, entry in enumerate(timeline):
-    ratio = entry[3]
+  for i, repeat in enumerate(timeline):
     for j in (i - 1, i + 1):
       if 0 <= j < len(timeline):
-        counts[ratio > slow][0] += timeline[j][3] > slow
-        counts[ratio > slow][1] += 1
+        counts[repeat.ratio > slow][0] += timeline[j].ratio > slow
+        counts[repeat.ratio > slow][1] += 1
   return {k: (n / d if d else None) for k, (n, d) in counts.items()}
 
 
@@ -107,7 +115,7 @@ def main(argv=None):
   # A repeat's window: its steps in one piece, or its first chunk where the
   # repeat was taken in chunks (its later chunks come a round later).
   steps = rows[0].get('steps', 30) // rows[0].get('chunks', 1)
-  t0 = timeline[0][0]
+  t0 = timeline[0].start
   sm_of = {True: [], False: []}
   steal_of = {True: [], False: []}
   for start, name, feed, ratio, ms in timeline:
@@ -121,7 +129,7 @@ def main(argv=None):
       bar = '#' * int(max(0.0, ratio - 1) * 50)
       print(f'{start - t0:8.3f} s  {name:<17}{feed:<8}{ratio:6.2f} {bar}')
   odds = neighbour_odds(timeline)
-  slow = sum(r[3] > SLOW for r in timeline)
+  slow = sum(r.ratio > SLOW for r in timeline)
   summary = {
       'repeats': len(timeline), 'slow': slow,
       'neighbour_slow_given_slow': odds[True],

@@ -38,8 +38,8 @@ PY=${PY:-python3}
 # process, the mean included), short_table (issue 23's whole table in two
 # processes, bf16 and fp32 (fp32 with row_sparse on), full and LoRA, m = 4,
 # 8, 16, metrics packed, collector frozen, 9 repeats, fixed and streamed;
-# with gpu_clocks_short_table.csv and host_load_short_table.txt, the GPU's clocks and the host's
-# load sampled while it runs).
+# with the GPU's clocks and the host's load sampled while it runs, in
+# gpu_clocks_short_table.csv and host_load_short_table.txt).
 # short_alone (bf16, full and LoRA, m = 4, 8, 16, each configuration's 9
 # repeats of 100 steps back to back, --interleave off: does a step that
 # follows another configuration's cost the host ~20 ms?), with the samplers
