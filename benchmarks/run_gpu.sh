@@ -40,7 +40,7 @@ PY=${PY:-python3}
 # 8, 16, metrics packed, collector frozen, 9 repeats, fixed and streamed;
 # with the GPU's clocks and the host's load sampled while it runs, in
 # gpu_clocks_short_table.csv and host_load_short_table.txt).
-# short_alone (bf16, full and LoRA, m = 4, 8, 16, each configuration's 9
+# short_alone (TABLE_DTYPES, full and LoRA, m = 4, 8, 16, each configuration's 9
 # repeats of 100 steps back to back, --interleave off: does a step that
 # follows another configuration's cost the host ~20 ms?), with the samplers
 # of short_table.
@@ -55,7 +55,7 @@ MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
 PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
 declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150
                   [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=200
-                  [short_packed]=200 [hprof]=240 [cbuf_hlo]=150 [short_nocbuf]=200 [short_table]=480 [short_alone]=300
+                  [short_packed]=200 [hprof]=240 [cbuf_hlo]=150 [short_nocbuf]=200 [short_table]=480 [short_alone]=540
                   [suite]=420)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 {
@@ -94,7 +94,7 @@ for stage in $STAGES; do
     short_packed) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --stats packed --json $OUT/short_packed.jsonl" ;;
     short_nocbuf) cmd="env XLA_FLAGS='--xla_gpu_enable_command_buffer=' $PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --json $OUT/short_nocbuf.jsonl" ;;
     short_table) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 9 --feed fixed,stream --profile --stats packed --gc frozen --row-sparse \$r --json $OUT/short_table_\$d.jsonl; done" ;;
-    short_alone) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 --modes full,lora --batches 16 --groups 4,8,16 --steps 100 --repeats 9 --feed fixed --profile --stats packed --gc frozen --interleave off --json $OUT/short_alone.jsonl" ;;
+    short_alone) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 100 --repeats 9 --feed fixed --profile --stats packed --gc frozen --row-sparse \$r --interleave off --json $OUT/short_alone_\$d.jsonl; done" ;;
     hprof) cmd="for v in 'mean' 'grain' 'grain --stats packed'; do $PY benchmarks/host_profile.py --mode full --dtype bfloat16 --groups 4 --method \$v --label \"\$v\" --json $OUT/hprof.jsonl; done" ;;
     cbuf_hlo) cmd="for s in metrics packed; do env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 $PY benchmarks/command_buffers.py --mode full --dtype bfloat16 --method grain --groups 4 --stats \$s --label \$s --json $OUT/cbuf_hlo.jsonl --dump-hlo $OUT/hlo_\$s.txt; done" ;;
     short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;
