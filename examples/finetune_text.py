@@ -104,7 +104,7 @@ def make_optimizer(model, *, method, groups, accumulate, lr, total_steps,
 def make_train_step(model, optimizer, *, method, groups, donate=None,
                     flat=True, keep_unused=False, stats_in_metrics=True,
                     metrics_in_state=False, pack_metrics=False,
-                    row_sparse=False):
+                    row_sparse=False, steps_per_call=1):
   """A jitted functional step ``(state, batch) -> (state, metrics)``.
 
   Returns ``(step, state, to_nnx)``. With ``flat=True`` (the fast pattern
@@ -138,6 +138,14 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
   buffer on each call (a moved buffer makes XLA re-record the step's CUDA
   graph on a GPU; see ``benchmarks/command_buffers.py``).
 
+  With ``steps_per_call=K`` (K > 1) one call runs K steps in a
+  ``jax.lax.scan``: ``batch`` holds K batches stacked on a new leading axis
+  (every leaf ``[K, batch, ...]``) and every metric comes back stacked the
+  same way (``[K]``; packed ``[K, len(names)]``). The state is the one K
+  single calls would leave, but the host hands the device one program per
+  K steps: the fast pattern when a step is so short that the host's work
+  per call is what the wall clock waits for (``docs/guides/performance.md``, "Short steps").
+
   With ``pack_metrics=True`` ``metrics`` is ``{'packed': v}``: one float32
   vector holding the metrics in the order of :func:`metric_names`, so that
   the step has one output outside the state however many metrics it logs
@@ -147,6 +155,9 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
     raise ValueError('metrics_in_state=True needs flat=True')
   if metrics_in_state and pack_metrics:
     raise ValueError('choose metrics_in_state or pack_metrics, not both')
+  if not isinstance(steps_per_call, int) or steps_per_call < 1:
+    raise ValueError(f'steps_per_call must be an int >= 1, got '
+                     f'{steps_per_call!r}')
   names = metric_names(method, stats_in_metrics)
   wrt = model.trainable()
   grouped = method in ('grain', 'monitor')
@@ -183,6 +194,19 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
     if metrics_in_state:
       return state + values, {}
     return state, {'packed': jnp.stack(values)}
+
+  if steps_per_call > 1:
+    one_step = step
+
+    def step(state, batch):  # pylint: disable=function-redefined
+      for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != steps_per_call:
+          raise ValueError(
+              f'steps_per_call={steps_per_call}: every batch leaf needs a '
+              f'leading axis of {steps_per_call} (the stacked batches); '
+              f'batch{jax.tree_util.keystr(path)} has shape '
+              f'{jnp.shape(leaf)}')
+      return jax.lax.scan(one_step, state, batch)
 
   if donate is None:
     donate = jax.default_backend() != 'cpu'
@@ -314,6 +338,10 @@ def parse_args(argv=None):
                  help='smoke run: 2 shots/class, batch 4, 32 tokens, the '
                  'first layer only, 4 micro-batches, 8 evaluation texts')
   p.add_argument('--log-every', type=int, default=1)
+  p.add_argument('--steps-per-call', type=int, default=1,
+                 help='micro-batches per call of the jitted step, run in a '
+                 'lax.scan (the fast pattern for short steps; the same '
+                 'training); a last partial call runs step by step')
   args = p.parse_args(argv)
   if args.tiny:
     args.shots, args.batch, args.max_len = 2, 4, 32
@@ -329,6 +357,8 @@ def parse_args(argv=None):
     p.error(f'--noise must be in [0, 1], got {args.noise}')
   if args.method == 'grain' and args.batch % args.groups:
     p.error(f'--groups {args.groups} must divide --batch {args.batch}')
+  if args.steps_per_call < 1:
+    p.error(f'--steps-per-call must be at least 1, got {args.steps_per_call}')
   return args
 
 
@@ -362,10 +392,11 @@ def main(argv=None):
       optimizer=args.optimizer)
   # The metrics as one vector: one fresh output a step, however many are
   # logged (docs/guides/performance.md, "Short steps").
-  step, state, to_nnx = make_train_step(model, optimizer, method=args.method,
-                                        groups=args.groups,
-                                        row_sparse=args.row_sparse,
-                                        pack_metrics=True)
+  # With --steps-per-call K, one call runs K micro-batches (lax.scan).
+  options = dict(method=args.method, groups=args.groups,
+                 row_sparse=args.row_sparse, pack_metrics=True)
+  step, state, to_nnx = make_train_step(
+      model, optimizer, steps_per_call=args.steps_per_call, **options)
   names = metric_names(args.method)
   trainable = minilm.count_params(model, model.trainable())
   total = minilm.count_params(model)
@@ -378,16 +409,30 @@ def main(argv=None):
   kind = f'LoRA r={args.lora_rank}' if args.lora_rank else 'full'
   stream = batches(ids, mask, labels, args.batch, args.epochs, args.seed)
   history = []
-  bar = tqdm(range(micro_batches), desc=f'{args.task} {kind} {name}',
+  bar = tqdm(total=micro_batches, desc=f'{args.task} {kind} {name}',
              unit='batch')
   train_start = time.perf_counter()
-  for i in bar:
-    state, metrics = step(state, next(stream))
-    history.append(metrics['packed'])
-    if (i + 1) % args.log_every == 0 or i + 1 == micro_batches:
-      values = np.asarray(metrics['packed'])
+  per_call, single_step, done = args.steps_per_call, None, 0
+  while done < micro_batches:
+    if per_call > 1 and micro_batches - done >= per_call:
+      group = [next(stream) for _ in range(per_call)]
+      stacked = {k: np.stack([b[k] for b in group]) for k in group[0]}
+      state, metrics = step(state, stacked)
+      packed = metrics['packed']
+    else:
+      if per_call > 1 and single_step is None:  # the last partial call
+        single_step = make_train_step(model, optimizer, **options)[0]
+      state, metrics = (single_step or step)(state, next(stream))
+      packed = metrics['packed'][None]
+    history.append(packed)
+    before, done = done, done + packed.shape[0]
+    bar.update(done - before)
+    if done // args.log_every > before // args.log_every or (
+        done == micro_batches):
+      values = np.asarray(packed[-1])
       bar.set_postfix({k: f'{v:+.3f}' if k != 'loss' else f'{v:.3f}'
                        for k, v in zip(names, values)})
+  bar.close()
   jax.block_until_ready(state)
   train_time = time.perf_counter() - train_start
   nnx.update((model, optimizer), to_nnx(state))
@@ -396,8 +441,8 @@ def main(argv=None):
   val_acc = float(np.mean(predict(validation[0]) == validation[1]))
   test_acc = float(np.mean(predict(test[0]) == test[1]))
   # One transfer for the whole history.
-  history = dict(zip(names, np.stack(jax.device_get(history),
-                                      axis=1).astype(np.float64)))
+  history = dict(zip(names, np.concatenate(jax.device_get(history),
+                                            axis=0).T.astype(np.float64)))
   opt_steps = micro_batches // args.accumulate
   result = {
       'task': args.task, 'method': args.method, 'groups': args.groups,

@@ -166,6 +166,31 @@ def test_finetune_step_time_order_of_repeats(interleave):
   assert mean_starts[0] < grain_first
 
 
+def test_finetune_step_time_steps_per_call():
+  # --steps-per-call 1,2: every configuration once per K (K steps a call,
+  # in a lax.scan), each timed over the same steps and set against the mean
+  # of its own K.
+  rows = _module('finetune_step_time').main(
+      ['--tiny', '--modes', 'lora', '--steps-per-call', '1,2', '--stats',
+       'packed'])
+  assert [(r['method'], r['steps_per_call']) for r in rows] == [
+      ('mean', 1), ('grain', 1), ('mean', 2), ('grain', 2)]
+  for row in rows:
+    assert row['steps'] == 4  # --tiny: 2 calls of the largest K
+    assert 0 < row['loss'] < 10
+    base = rows[0 if row['steps_per_call'] == 1 else 2]
+    assert row['ratio_to_mean'] == pytest.approx(
+        row['ms_per_step'] / base['ms_per_step'])
+
+
+def test_finetune_step_time_steps_per_call_must_divide(capsys):
+  with pytest.raises(SystemExit):
+    _module('finetune_step_time').main(
+        ['--modes', 'lora', '--steps', '30', '--steps-per-call', '4'])
+  assert '--steps-per-call must be at least 1 and divide --warmup (5)' in (
+      capsys.readouterr().err)
+
+
 def test_finetune_step_time_chunks_must_divide_steps(capsys):
   with pytest.raises(SystemExit):
     _module('finetune_step_time').main(['--tiny', '--chunks', '3'])

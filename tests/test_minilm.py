@@ -73,13 +73,14 @@ def cheap_compilation():
 
 # Two optimizer steps each, on the first pretrained layer (--tiny). Full
 # fine-tuning with GRAIN (the embedding's group gradients as rows); LoRA
-# with GRAIN within and across 2 micro-batches (accumulate), checkpointed
-# with orbax and restored.
+# with GRAIN within and across 2 micro-batches (accumulate), 3 micro-batches
+# a call and the fourth alone (--steps-per-call), checkpointed with orbax
+# and restored.
 @pytest.mark.parametrize('extra', [
     ['--max-steps', '2', '--optimizer', 'sgdm', '--noise', '0.5',
      '--row-sparse'],
     ['--lora-rank', '4', '--accumulate', '2', '--max-steps', '4',
-     '--checkpoint-dir', 'tmp'],
+     '--checkpoint-dir', 'tmp', '--steps-per-call', '3'],
 ], ids=['full-sgdm-noisy', 'lora-accumulate-checkpoint'])
 def test_finetune_text_tiny_runs_end_to_end(extra, capsys, cheap_compilation):
   del cheap_compilation
@@ -150,6 +151,58 @@ def test_train_step_with_metrics_in_the_state_or_packed_computes_the_same(
   with pytest.raises(ValueError, match='not both'):
     finetune.make_train_step(model, optimizer, method=method, groups=2,
                              metrics_in_state=True, pack_metrics=True)
+
+
+def test_train_step_with_several_steps_per_call_trains_as_single_calls(
+    cheap_compilation):
+  # steps_per_call=K: one call runs K steps in a lax.scan over K stacked
+  # batches (the fast pattern for host-bound short steps). It leaves the
+  # state K single calls leave (dropout's key included) and returns every
+  # step's metrics.
+  del cheap_compilation
+  import jax  # pylint: disable=g-import-not-at-top
+  finetune = load_example('finetune_text')
+  rng = np.random.default_rng(0)
+  batches = [{'input_ids': rng.integers(1000, 3000, (4, 8)).astype(np.int32),
+              'attention_mask': np.ones((4, 8), np.int32),
+              'labels': rng.integers(0, 5, 4).astype(np.int32)}
+             for _ in range(3)]
+  results = {}
+  for per_call in (1, 3):
+    model = finetune.build_model(5, lora_rank=4, seed=0, num_layers=1)
+    optimizer = finetune.make_optimizer(
+        model, method='grain', groups=2, accumulate=1, lr=1e-2,
+        total_steps=10)
+    step, state, _ = finetune.make_train_step(
+        model, optimizer, method='grain', groups=2, pack_metrics=True,
+        steps_per_call=per_call)
+    if per_call == 1:
+      packed = []
+      for batch in batches:
+        state, metrics = step(state, batch)
+        packed.append(metrics['packed'])
+      packed = np.stack(packed)
+    else:
+      stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+      state, metrics = step(state, stacked)
+      packed = np.asarray(metrics['packed'])
+      with pytest.raises(ValueError, match=r"leading axis of 3.*'labels'"):
+        step(state, dict(stacked, labels=stacked['labels'][:2]))
+    results[per_call] = (packed, [np.asarray(jax.random.key_data(x))
+                                  if jax.dtypes.issubdtype(
+                                      x.dtype, jax.dtypes.prng_key)
+                                  else np.asarray(x) for x in state])
+  assert results[3][0].shape == (3, len(finetune.metric_names('grain')))
+  np.testing.assert_allclose(results[3][0], results[1][0], rtol=1e-5,
+                             atol=1e-6)
+  assert len(results[3][1]) == len(results[1][1])
+  for a, b in zip(results[3][1], results[1][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The parameters moved: the comparison is not of two untouched states.
+  assert results[3][0][0, 0] != results[3][0][-1, 0]
+  with pytest.raises(ValueError, match='steps_per_call'):
+    finetune.make_train_step(model, optimizer, method='grain', groups=2,
+                             steps_per_call=0)
 
 
 @pytest.mark.parametrize('num_classes', [2, 5])
