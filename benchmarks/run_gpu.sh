@@ -40,11 +40,12 @@ PY=${PY:-python3}
 # 8, 16, metrics packed, collector frozen, 9 repeats, fixed and streamed;
 # with the GPU's clocks and the host's load sampled while it runs, in
 # gpu_clocks_short_table.csv and host_load_short_table.txt).
-# short_alone (TABLE_DTYPES, full and LoRA, m = 4, 8, 16, each configuration's 9
-# repeats of 100 steps back to back, --interleave off: does a step that
-# follows another configuration's cost the host ~20 ms?), with the samplers
-# of short_table.
-# short_scan (TABLE_DTYPES, full and LoRA, m = 4, 8, 16, 9 x 100 steps
+# short_alone (TABLE_DTYPES, full and LoRA, m = 4, 8, 16, each
+# configuration's 9 repeats of 100 steps back to back, --interleave off: does
+# a step that follows another configuration's cost the host ~20 ms? On an
+# H100, no: alone, every call costs the host as much; RESULTS.md, "Several
+# steps a call"), with the samplers of short_table.
+# short_scan (TABLE_DTYPES, SCAN_MODES, m = 4, 8, 16, 9 x 100 steps
 # interleaved, each configuration once per K in SCAN_K, K steps a call in a
 # lax.scan: make_train_step(steps_per_call=K), the pattern for host-bound
 # short steps), with the samplers of short_table.

@@ -144,7 +144,9 @@ def make_train_step(model, optimizer, *, method, groups, donate=None,
   same way (``[K]``; packed ``[K, len(names)]``). The state is the one K
   single calls would leave, but the host hands the device one program per
   K steps: the fast pattern when a step is so short that the host's work
-  per call is what the wall clock waits for (``docs/guides/performance.md``, "Short steps").
+  per call is what the wall clock waits for (LoRA r = 8, bf16, batch
+  16 x 128 on an H100: 2.56 ms a step at one step a call, 1.96 ms at ten,
+  1.95 ms of device time; ``docs/guides/performance.md``, "Short steps").
 
   With ``pack_metrics=True`` ``metrics`` is ``{'packed': v}``: one float32
   vector holding the metrics in the order of :func:`metric_names`, so that
