@@ -65,6 +65,11 @@ declare -A LIMIT=([check]=60 [qp]=120 [step]=300 [step2]=200 [memory]=120 [peer]
                   [short_packed]=200 [hprof]=240 [cbuf_hlo]=150 [short_nocbuf]=200 [short_table]=480 [short_alone]=540 [short_scan]=560
                   [suite]=420)
 for kv in ${STAGE_LIMITS:-}; do LIMIT[${kv%%=*}]=${kv#*=}; done
+# The head of the short_* table stages: one process per dtype of
+# TABLE_DTYPES ($d; fp32 with row_sparse on), MiniLM batch 16 x 128,
+# m = 4, 8, 16, 9 repeats, metrics packed, collector frozen. Each stage adds
+# its options, the JSON file, and closes the loop with "; done".
+PER_DTYPE="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --batches 16 --groups 4,8,16 --repeats 9 --profile --stats packed --gc frozen --row-sparse \$r"
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
@@ -100,9 +105,9 @@ for stage in $STAGES; do
     short_state) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --metrics-in-state --json $OUT/short_state.jsonl" ;;
     short_packed) cmd="$PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --stats packed --json $OUT/short_packed.jsonl" ;;
     short_nocbuf) cmd="env XLA_FLAGS='--xla_gpu_enable_command_buffer=' $PY benchmarks/finetune_step_time.py --dtype bfloat16 $SHORT_ARGS --modes full --json $OUT/short_nocbuf.jsonl" ;;
-    short_table) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 30 --repeats 9 --feed fixed,stream --profile --stats packed --gc frozen --row-sparse \$r --json $OUT/short_table_\$d.jsonl; done" ;;
-    short_alone) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes full,lora --batches 16 --groups 4,8,16 --steps 100 --repeats 9 --feed fixed --profile --stats packed --gc frozen --row-sparse \$r --interleave off --json $OUT/short_alone_\$d.jsonl; done" ;;
-    short_scan) cmd="for d in $TABLE_DTYPES; do r=off; [ \$d = float32 ] && r=on; $PY benchmarks/finetune_step_time.py --dtype \$d --modes $SCAN_MODES --batches 16 --groups 4,8,16 --steps 100 --repeats 9 --warmup 10 --feed fixed --profile --stats packed --gc frozen --row-sparse \$r --steps-per-call $SCAN_K --json $OUT/short_scan_\$d.jsonl; done" ;;
+    short_table) cmd="$PER_DTYPE --modes full,lora --steps 30 --feed fixed,stream --json $OUT/short_table_\$d.jsonl; done" ;;
+    short_alone) cmd="$PER_DTYPE --modes full,lora --steps 100 --feed fixed --interleave off --json $OUT/short_alone_\$d.jsonl; done" ;;
+    short_scan) cmd="$PER_DTYPE --modes $SCAN_MODES --steps 100 --warmup 10 --feed fixed --steps-per-call $SCAN_K --json $OUT/short_scan_\$d.jsonl; done" ;;
     hprof) cmd="for v in 'mean' 'grain' 'grain --stats packed'; do $PY benchmarks/host_profile.py --mode full --dtype bfloat16 --groups 4 --method \$v --label \"\$v\" --json $OUT/hprof.jsonl; done" ;;
     cbuf_hlo) cmd="for s in metrics packed; do env TF_CPP_VMODULE=command_buffer_thunk=3 TF_CPP_MIN_LOG_LEVEL=0 $PY benchmarks/command_buffers.py --mode full --dtype bfloat16 --method grain --groups 4 --stats \$s --label \$s --json $OUT/cbuf_hlo.jsonl --dump-hlo $OUT/hlo_\$s.txt; done" ;;
     short_fp32) cmd="$PY benchmarks/finetune_step_time.py --dtype float32 $SHORT_ARGS --json $OUT/short_fp32.jsonl" ;;
@@ -111,7 +116,7 @@ for stage in $STAGES; do
   esac
   echo "\$ $cmd" | tee -a "$OUT/log.txt"
   samplers=()
-  if [ "$stage" = short_table ] || [ "$stage" = short_alone ] || [ "$stage" = short_scan ]; then
+  if [[ $stage == short_table || $stage == short_alone || $stage == short_scan ]]; then
     # Alongside the timed steps: the GPU's clocks, power and throttle
     # reasons every 200 ms, and the host's CPU counters (/proc/stat's first
     # line: user nice system idle iowait irq softirq steal) and load every

@@ -414,24 +414,25 @@ def main(argv=None):
   bar = tqdm(total=micro_batches, desc=f'{args.task} {kind} {name}',
              unit='batch')
   train_start = time.perf_counter()
-  per_call, single_step, done = args.steps_per_call, None, 0
+  per_call, done = args.steps_per_call, 0
+  # The micro-batches a last partial call leaves run step by step.
+  single_step = step if per_call == 1 else None
   while done < micro_batches:
-    if per_call > 1 and micro_batches - done >= per_call:
-      group = [next(stream) for _ in range(per_call)]
-      stacked = {k: np.stack([b[k] for b in group]) for k in group[0]}
+    count = per_call if micro_batches - done >= per_call else 1
+    if count > 1:
+      group = [next(stream) for _ in range(count)]
+      stacked = {key: np.stack([b[key] for b in group]) for key in group[0]}
       state, metrics = step(state, stacked)
-      packed = metrics['packed']
     else:
-      if per_call > 1 and single_step is None:  # the last partial call
+      if single_step is None:
         single_step = make_train_step(model, optimizer, **options)[0]
-      state, metrics = (single_step or step)(state, next(stream))
-      packed = metrics['packed'][None]
-    history.append(packed)
-    before, done = done, done + packed.shape[0]
-    bar.update(done - before)
+      state, metrics = single_step(state, next(stream))
+    history.append(metrics['packed'])
+    before, done = done, done + count
+    bar.update(count)
     if done // args.log_every > before // args.log_every or (
         done == micro_batches):
-      values = np.asarray(packed[-1])
+      values = np.asarray(metrics['packed']).reshape(-1, len(names))[-1]
       bar.set_postfix({k: f'{v:+.3f}' if k != 'loss' else f'{v:.3f}'
                        for k, v in zip(names, values)})
   bar.close()
@@ -443,8 +444,10 @@ def main(argv=None):
   val_acc = float(np.mean(predict(validation[0]) == validation[1]))
   test_acc = float(np.mean(predict(test[0]) == test[1]))
   # One transfer for the whole history.
-  history = dict(zip(names, np.concatenate(jax.device_get(history),
-                                            axis=0).T.astype(np.float64)))
+  # (A call of K steps gave [K, len(names)], a single step [len(names)].)
+  history = np.concatenate([np.reshape(h, (-1, len(names)))
+                            for h in jax.device_get(history)])
+  history = dict(zip(names, history.T.astype(np.float64)))
   opt_steps = micro_batches // args.accumulate
   result = {
       'task': args.task, 'method': args.method, 'groups': args.groups,
